@@ -1,0 +1,136 @@
+"""Pure-jnp SLA (sparse-linear attention) as TurboDiffusion runs it: the semantics every SLA kernel must reproduce.
+
+Spec: acceleration.md 3. Per (batch, head), with q, k, v [L, d] after the q/k RMSNorm and RoPE:
+  block map   top-k key blocks per query block, scored by mean-pooled q against mean-pooled mean-centred k;
+  sparse      softmax(q k^T / sqrt(d)) v restricted to (and normalised over) the selected key blocks;
+  linear      phi(q) (phi(k)^T v) / (1e-5 + phi(q) . sum phi(k)), phi = softmax over d, over ALL tokens;
+  output      cast(o_sparse + proj_l(o_linear)), proj_l a Linear(d, d) shared by the heads of a layer.
+Arithmetic runs in the inputs' dtype (bf16 in the model) with fp32 accumulation, like the reference module.
+Ragged lengths (L not a multiple of the block sizes) are handled by masking: pooled means divide by the real row
+count of the last block, and padded keys get -inf logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def num_selected_blocks(topk: float, num_k_blocks: int) -> int:
+    """k = min(Nk, int(topk * Nk)) like the reference (int truncates), but at least 1: with k = 0 the reference's
+    sparse softmax would be over an empty set; keeping one block is the only output that is still an average of v."""
+    return max(1, min(num_k_blocks, int(topk * num_k_blocks)))
+
+
+def _to_heads(x: jax.Array) -> jax.Array:
+    """[B, L, H, D] -> [B, H, L, D]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _pad_blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, H, L, D] -> [B, H, N, block, D], zero-padded at the end of L."""
+    b, h, l, d = x.shape
+    n = -(-l // block)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, n * block - l), (0, 0)))
+    return x.reshape(b, h, n, block, d)
+
+
+def _block_means(x: jax.Array, block: int) -> jax.Array:
+    """Mean over each block of `block` rows of x [B, H, L, D] (fp32 sum / real row count), in x's dtype."""
+    l = x.shape[2]
+    sums = jnp.sum(_pad_blocks(x, block).astype(f32), axis=3)
+    counts = jnp.minimum(block, l - block * jnp.arange(sums.shape[2]))
+    return (sums / counts[:, None].astype(f32)).astype(x.dtype)
+
+
+def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k: int) -> jax.Array:
+    """Selected key blocks per query block: int32 [B, H, Nq, k] for q, k [B, L, H, D] (acceleration.md 3.1).
+
+    Scores are the bf16 product of pooled q and pooled mean-centred k, with no 1/sqrt(d) scale; which of several
+    equal scores wins is unspecified (the reference's torch.topk does not define it either)."""
+    qh, kh = _to_heads(q), _to_heads(k)
+    k_mean = jnp.mean(kh.astype(f32), axis=2, keepdims=True).astype(kh.dtype)
+    pooled_q = _block_means(qh, block_q)
+    pooled_k = _block_means(kh - k_mean, block_k)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k, preferred_element_type=f32).astype(q.dtype)
+    n_sel = num_selected_blocks(topk, pooled_k.shape[2])
+    return jax.lax.top_k(scores.astype(f32), n_sel)[1].astype(jnp.int32)
+
+
+def sparse_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, lut: jax.Array, *, block_q: int, block_k: int, q_chunk: int = 16
+) -> jax.Array:
+    """Block-sparse softmax attention: each query block attends to the key blocks listed in lut [B, H, Nq, k].
+
+    q, k, v [B, L, H, D] -> [B, L, H, D]. Query blocks are processed q_chunk at a time to bound memory."""
+    b, l, h, d = q.shape
+    qb = _pad_blocks(_to_heads(q), block_q)  # [B, H, Nq, bq, D]
+    kb = _pad_blocks(_to_heads(k), block_k)  # [B, H, Nk, bk, D]
+    vb = _pad_blocks(_to_heads(v), block_k)
+    nq, nk = qb.shape[2], kb.shape[2]
+    key_valid = (jnp.arange(nk * block_k) < l).reshape(nk, block_k)
+    scale = 1.0 / math.sqrt(d)
+
+    def one_head(q_blocks, k_blocks, v_blocks, lut_h):
+        """q_blocks [Nq, bq, D], k/v_blocks [Nk, bk, D], lut_h [Nq, k] -> [Nq, bq, D]."""
+
+        def one_q_block(args):
+            qi, sel = args
+            ks = k_blocks[sel].reshape(-1, d)  # [k * bk, D]
+            vs = v_blocks[sel].reshape(-1, d)
+            s = jnp.einsum("qd,kd->qk", qi, ks, preferred_element_type=f32) * scale
+            s = jnp.where(key_valid[sel].reshape(1, -1), s, -jnp.inf)
+            m = jnp.max(s, axis=-1, keepdims=True)
+            p = jnp.exp(s - m)
+            o = jnp.einsum("qk,kd->qd", p.astype(v.dtype), vs, preferred_element_type=f32)
+            return (o / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
+
+        return jax.lax.map(one_q_block, (q_blocks, lut_h), batch_size=q_chunk)
+
+    out = jax.vmap(jax.vmap(one_head))(qb, kb, vb, lut)  # [B, H, Nq, bq, D]
+    out = out.reshape(b, h, nq * block_q, d)[:, :, :l]
+    return jnp.swapaxes(out, 1, 2)
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """SLA's linear branch over all tokens with the softmax feature map; q, k, v [B, L, H, D] -> [B, L, H, D].
+
+    Every product rounds to the inputs' dtype like the bf16 torch module (acceleration.md 3.3)."""
+    dt = q.dtype
+    phi_q = jax.nn.softmax(q.astype(f32), axis=-1).astype(dt)
+    phi_k = jax.nn.softmax(k.astype(f32), axis=-1).astype(dt)
+    kv = jnp.einsum("blhd,blhe->bhde", phi_k, v, preferred_element_type=f32).astype(dt)
+    k_sum = jnp.sum(phi_k.astype(f32), axis=1).astype(dt)  # [B, H, D]
+    num = jnp.einsum("blhd,bhde->blhe", phi_q, kv, preferred_element_type=f32).astype(dt)
+    den = jnp.sum((phi_q * k_sum[:, None]).astype(f32), axis=-1, keepdims=True).astype(dt)
+    return (num / (den + jnp.asarray(1e-5, dt))).astype(dt)
+
+
+def sla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    topk: float,
+    block_q: int,
+    block_k: int,
+    proj_w: jax.Array | None = None,
+    proj_b: jax.Array | None = None,
+) -> jax.Array:
+    """SLA: sparse softmax over the top-k key blocks plus proj_l of the linear branch. [B, L, H, D] in and out.
+
+    proj_w [D, D] ([out, in]) and proj_b [D] are the layer's proj_l; without them only the sparse branch is
+    returned (proj_l is zero-initialised, so that is SLA before fine-tuning)."""
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    o_sparse = sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
+    if proj_w is None:
+        return o_sparse
+    o_lin = linear_attention(q, k, v)
+    o_lin = jax.lax.dot_general(o_lin, proj_w.astype(q.dtype), (((3,), (1,)), ((), ())), preferred_element_type=f32)
+    if proj_b is not None:
+        o_lin = o_lin + proj_b.astype(f32)
+    return (o_sparse + o_lin.astype(q.dtype)).astype(q.dtype)

@@ -1,0 +1,226 @@
+"""The Wan DiT in Flax NNX, op for op as wan-model.md section 2 specifies.
+
+Dtypes: matmul weights and activations in `dtype` (bf16 for real runs), with fp32 accumulation; norm statistics,
+modulation, the time embedding and the head in fp32; the residual stream in `residual_dtype` (bf16 for
+TurboDiffusion checkpoints, fp32 for stock Wan). Blocks are stacked on a leading layer axis and run with lax.scan,
+so the program compiles one block whatever the depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from turbojax.models import layers
+from turbojax.models.attention import AttentionSpec, dense, self_attention
+from turbojax.models.config import WanConfig
+
+f32 = jnp.float32
+
+
+def _normal(rngs: nnx.Rngs, shape, std, dtype):
+    return (std * jax.random.normal(rngs.params(), shape, f32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W^T + b with W [out, in]; fp32 accumulation, one rounding to the requested dtype."""
+
+    def __init__(self, n_in: int, n_out: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (n_out, n_in), n_in**-0.5, dtype))
+        self.bias = nnx.Param(_normal(rngs, (n_out,), 0.02, dtype))
+
+    def __call__(self, x: jax.Array, out_dtype) -> jax.Array:
+        return layers.linear(x, self.weight[...], self.bias[...], out_dtype)
+
+
+class Scale(nnx.Module):
+    """A norm's elementwise weight (and optional bias), kept in fp32 like TurboDiffusion's fused norms."""
+
+    def __init__(self, dim: int, *, bias: bool, rngs: nnx.Rngs):
+        self.weight = nnx.Param(1.0 + _normal(rngs, (dim,), 0.02, f32))
+        self.bias = nnx.Param(_normal(rngs, (dim,), 0.02, f32)) if bias else None
+
+
+class MLP(nnx.Module):
+    """linear_2(act(linear_1(x))): the text and time embedders."""
+
+    def __init__(self, n_in: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.linear_1 = Linear(n_in, dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(dim, dim, dtype=dtype, rngs=rngs)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.dim
+        self.q, self.k, self.v, self.o = (Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
+        self.norm_q = Scale(d, bias=False, rngs=rngs)
+        self.norm_k = Scale(d, bias=False, rngs=rngs)
+        self.proj_l = Linear(cfg.head_dim, cfg.head_dim, dtype=dtype, rngs=rngs) if cfg.sla_proj else None
+
+
+class CrossAttention(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.dim
+        self.q, self.k, self.v, self.o = (Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
+        self.norm_q = Scale(d, bias=False, rngs=rngs)
+        self.norm_k = Scale(d, bias=False, rngs=rngs)
+
+
+class FFN(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = Linear(cfg.dim, cfg.ffn_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.dim, dtype=dtype, rngs=rngs)
+
+
+class WanBlock(nnx.Module):
+    """One transformer block: modulated self-attention, cross-attention over the text, modulated FFN."""
+
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+        self.modulation = nnx.Param(_normal(rngs, (1, 6, cfg.dim), cfg.dim**-0.5, f32))
+        self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.norm3 = Scale(cfg.dim, bias=True, rngs=rngs)
+        self.cross_attn = CrossAttention(cfg, dtype=dtype, rngs=rngs)
+        self.ffn = FFN(cfg, dtype=dtype, rngs=rngs)
+
+
+class Head(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+        n_out = cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.modulation = nnx.Param(_normal(rngs, (1, 2, cfg.dim), cfg.dim**-0.5, f32))
+        self.linear = Linear(cfg.dim, n_out, dtype=f32, rngs=rngs)
+
+
+class WanDiT(nnx.Module):
+    """Wan DiT: dit(latents[B,C,T,H,W], timestep[B], context[B,512,text_dim], cond=None) -> velocity[B,16,T,H,W].
+
+    cond is the I2V condition [B, in_dim - 16, T, H, W] (4 mask + 16 image-latent channels), concatenated after the
+    noise channels. timestep is the value the net sees (the rCM sampler passes bf16(1000 t)). Output is fp32.
+    """
+
+    def __init__(
+        self,
+        cfg: WanConfig,
+        *,
+        dtype=jnp.bfloat16,
+        residual_dtype=None,
+        attention: AttentionSpec = AttentionSpec(),
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.residual_dtype = residual_dtype or (dtype if cfg.family == "turbodiffusion" else f32)
+        self.attention = attention
+        d = cfg.dim
+        self.patch_embedding = Linear(cfg.patch_dim, d, dtype=dtype, rngs=rngs)
+        self.text_embedding = MLP(cfg.text_dim, d, dtype=dtype, rngs=rngs)
+        self.time_embedding = MLP(cfg.freq_dim, d, dtype=f32, rngs=rngs)
+        self.time_projection = Linear(d, 6 * d, dtype=f32, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs):
+            return WanBlock(cfg, dtype=dtype, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.head = Head(cfg, rngs=rngs)
+
+    def __call__(self, latents, timestep, context, cond=None):
+        cfg = self.cfg
+        if cond is not None:
+            latents = jnp.concatenate([latents, cond.astype(latents.dtype)], axis=1)
+        _check_inputs(cfg, latents, timestep, context)
+        b, _, t, h, w = latents.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (t // pt, h // ph, w // pw)
+
+        tokens = layers.patchify(latents.astype(self.dtype), cfg.patch_size)
+        x = self.patch_embedding(tokens, self.dtype).astype(self.residual_dtype)
+
+        sinusoid = layers.timestep_sinusoid(timestep, cfg.freq_dim)
+        e = self.time_embedding.linear_2(
+            jax.nn.silu(self.time_embedding.linear_1(sinusoid, f32)), f32
+        )  # [B, D] fp32
+        e0 = self.time_projection(jax.nn.silu(e), f32).reshape(b, 6, cfg.dim)
+
+        ctx = self.text_embedding.linear_1(context, self.dtype)
+        ctx = self.text_embedding.linear_2(layers.gelu_tanh(ctx), self.dtype)
+
+        cos, sin = (jnp.asarray(a) for a in layers.rope_tables(grid, cfg.head_dim))
+
+        static = dict(cfg=cfg, dtype=self.dtype, attention=self.attention)
+
+        block_def, block_states = nnx.split(self.blocks)
+
+        def body(x, block_state):
+            return block_forward(nnx.merge(block_def, block_state), x, e0, ctx, cos, sin, **static), None
+
+        # A plain lax.scan over the stacked block state (not nnx.scan), so the model also runs inside other
+        # transforms (the sampler's scan over steps) where the parameters are tracers of an outer level.
+        x = jax.lax.scan(body, x, block_states)[0]
+
+        head_mod = self.head.modulation[...] + e[:, None, :]  # [B, 2, D] fp32: shift, scale
+        shift, scale = head_mod[:, 0], head_mod[:, 1]
+        normed = layers.layer_norm(x, cfg.eps).astype(x.dtype)
+        out = self.head.linear(layers.modulate(normed, shift, scale, f32), f32)
+        return layers.unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+
+def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype, attention: AttentionSpec):
+    """One block. x [B, L, D] residual; e0 [B, 6, D] fp32; ctx [B, Lc, D]; cos/sin [L, head_dim/2]."""
+    dt = dtype
+    b, l, _ = x.shape
+    n, hd = cfg.num_heads, cfg.head_dim
+    m = blk.modulation[...] + e0  # [B, 6, D] fp32: shift/scale/gate for attention, then for the FFN
+
+    def gated_add(x, y, gate):
+        return (x + y.astype(x.dtype) * gate[:, None, :].astype(x.dtype)).astype(x.dtype)
+
+    # self-attention
+    sa = blk.self_attn
+    hmod = layers.modulate(layers.layer_norm(x, cfg.eps).astype(x.dtype), m[:, 0], m[:, 1], dt)
+    q = _rms(sa.q(hmod, dt), sa.norm_q, cfg, dt).reshape(b, l, n, hd)
+    k = _rms(sa.k(hmod, dt), sa.norm_k, cfg, dt).reshape(b, l, n, hd)
+    v = sa.v(hmod, dt).reshape(b, l, n, hd)
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    proj_w = sa.proj_l.weight[...] if sa.proj_l is not None else None
+    proj_b = sa.proj_l.bias[...] if sa.proj_l is not None else None
+    a = self_attention(q, k, v, attention, proj_w, proj_b)
+    x = gated_add(x, sa.o(a.reshape(b, l, cfg.dim), dt), m[:, 2])
+
+    # cross-attention: no modulation, no gate, no RoPE, no mask
+    ca = blk.cross_attn
+    hc = layers.layer_norm(x, cfg.eps, blk.norm3.weight[...], blk.norm3.bias[...]).astype(dt)
+    qc = _rms(ca.q(hc, dt), ca.norm_q, cfg, dt).reshape(b, l, n, hd)
+    kc = _rms(ca.k(ctx, dt), ca.norm_k, cfg, dt).reshape(b, -1, n, hd)
+    vc = ca.v(ctx, dt).reshape(b, -1, n, hd)
+    ac = dense(qc, kc, vc)
+    x = (x + ca.o(ac.reshape(b, l, cfg.dim), dt).astype(x.dtype)).astype(x.dtype)
+
+    # FFN
+    hf = layers.modulate(layers.layer_norm(x, cfg.eps).astype(x.dtype), m[:, 3], m[:, 4], dt)
+    y = blk.ffn.fc2(layers.gelu_tanh(blk.ffn.fc1(hf, dt)), dt)
+    return gated_add(x, y, m[:, 5])
+
+
+def _rms(x, scale: Scale, cfg: WanConfig, dtype):
+    return layers.rms_norm(x, scale.weight[...], cfg.eps, dtype, round_before_weight=cfg.family == "wan")
+
+
+def _check_inputs(cfg: WanConfig, latents, timestep, context):
+    """Shape checks with messages that say what to change (shapes are static, so this runs at trace time)."""
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be [B, C, T, H, W], got shape {latents.shape}")
+    b, c, t, h, w = latents.shape
+    if c != cfg.in_dim:
+        need = f"{cfg.out_dim} noise channels + {cfg.cond_dim} cond channels" if cfg.cond_dim else f"{cfg.in_dim}"
+        raise ValueError(f"the model takes {need} (in_dim {cfg.in_dim}) but got {c} channels; "
+                         + ("pass cond=[B, %d, T, H, W]" % cfg.cond_dim if cfg.cond_dim else "pass cond=None"))
+    pt, ph, pw = cfg.patch_size
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"latent T, H, W = {t}, {h}, {w} must be multiples of the patch size {cfg.patch_size} "
+                         "(pixel H and W multiples of 16)")
+    if timestep.shape != (b,):
+        raise ValueError(f"timestep must have shape [B] = [{b}], got {timestep.shape}")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+        raise ValueError(f"context must be [B, text_len, {cfg.text_dim}] with B = {b}, got {context.shape}")
