@@ -59,8 +59,11 @@ def as_spec(attention: str | AttentionSpec) -> AttentionSpec:
         raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(NAMED)}") from None
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+def _cudnn_supports(q: jax.Array) -> bool:
+    """cuDNN flash attention needs a GPU, fp16/bf16 and head_dim a multiple of 8 up to 128 (256 on Hopper only;
+    every Wan model has 128)."""
+    d = q.shape[-1]
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
 
 
 def dense_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, q_chunk: int = 2048) -> jax.Array:
@@ -87,7 +90,7 @@ def dense_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, q_chunk: int = 2048) 
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
     """Dense softmax attention, no mask. cuDNN flash attention on GPU for bf16/fp16, else query-chunked XLA."""
     if implementation is None:
-        implementation = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        implementation = "cudnn" if _cudnn_supports(q) else "xla"
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     return dense_xla(q, k, v)
