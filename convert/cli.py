@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.src, args.out, preset=args.preset, num_heads=args.num_heads,
                       overwrite=args.overwrite, progress=not args.quiet)
-    except (CheckpointError, checkpoint.CheckpointFormatError, FileExistsError, ValueError) as e:
+    except (CheckpointError, checkpoint.CheckpointFormatError, OSError, ValueError) as e:
         print(f"turbojax-convert: error: {e}", file=sys.stderr)
         return 2
     meta = checkpoint.read_meta(out)

@@ -100,6 +100,10 @@ def detect_layout(tensors: dict[str, np.ndarray]) -> str:
         )
     if any(k.startswith("condition_embedder.") or ".attn1." in k for k in tensors):
         return "diffusers"
+    if any(PROJ_L in k for k in tensors):
+        # SLA's proj_l exists only in TurboDiffusion's network, also in its training-side merged files, which
+        # still carry a Conv3d-shaped patch embedding (wan-model.md 8.4).
+        return "turbodiffusion"
     w = tensors.get("patch_embedding.weight")
     if w is None:
         sample = ", ".join(sorted(tensors)[:5])
@@ -130,6 +134,8 @@ def to_canonical(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.nd
         tensors = renamed
     w = tensors.get("patch_embedding.weight")
     if w is not None and w.ndim == 5:
+        if w.shape[2:] != (1, 2, 2):
+            raise CheckpointError(f"patch_embedding.weight has shape {w.shape}; expected a (1, 2, 2) Conv3d kernel")
         tensors = dict(tensors)
         # Conv3d [D, C, kt, kh, kw] flattened in (c, kt, kh, kw) order is TurboDiffusion's Linear [D, C*kt*kh*kw].
         tensors["patch_embedding.weight"] = w.reshape(w.shape[0], -1)
@@ -170,7 +176,7 @@ def infer_config(
     patch_size: tuple[int, int, int] = (1, 2, 2),
 ) -> Detected:
     """Model sizes from tensor shapes (canonical keys); head count from --num-heads, config.json, proj_l or preset."""
-    patch = tensors["patch_embedding.weight"]
+    patch = _weight(tensors, "patch_embedding")
     dim = patch.shape[0]
     n_patch = math.prod(patch_size)
     layers = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))})

@@ -26,6 +26,13 @@ def _files_in(directory: Path) -> list[Path]:
     if len(found) == 1:
         return found
     if not found:
+        experts = [d.name for d in sorted(directory.iterdir())
+                   if d.name in ("high_noise_model", "low_noise_model", "transformer", "transformer_2")]
+        if experts:
+            raise CheckpointError(
+                f"{directory} holds a model per subfolder ({', '.join(experts)}); convert each one into its own "
+                f"--out folder, e.g. turbojax-convert {directory / experts[0]} --out ckpt/{experts[0]}"
+            )
         raise CheckpointError(f"{directory} holds no .safetensors, index .json or .pth checkpoint")
     raise CheckpointError(
         f"{directory} holds several checkpoint files ({', '.join(p.name for p in found)}); name the file(s) to convert"
@@ -47,6 +54,9 @@ def resolve(sources: list[str]) -> tuple[list[Path], dict | None]:
             config_json = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); fix or remove it") from None
+        if not isinstance(config_json, dict):
+            raise CheckpointError(f"{cfg_path} holds a JSON {type(config_json).__name__}, not an object; fix or "
+                                  "remove it")
     return files, config_json
 
 
@@ -112,8 +122,9 @@ def source_files(files: list[Path]) -> list[Path]:
 
 
 def sha256_files(files: list[Path], progress: bool = True) -> dict[str, str]:
-    """sha256 of each file, streamed in 16 MB reads."""
+    """sha256 of each file by name (by path where two share a name), streamed in 16 MB reads."""
     total = sum(f.stat().st_size for f in files)
+    names = [f.name for f in files]
     digests = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="hashing sources", disable=not progress) as bar:
         for f in files:
@@ -122,5 +133,5 @@ def sha256_files(files: list[Path], progress: bool = True) -> dict[str, str]:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
                     bar.update(len(chunk))
-            digests[f.name] = h.hexdigest()
+            digests[f.name if names.count(f.name) == 1 else str(f)] = h.hexdigest()
     return digests

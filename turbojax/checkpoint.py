@@ -64,6 +64,8 @@ def write_checkpoint(
 ) -> Path:
     """Writes a converted DiT atomically: into a temporary sibling folder, renamed to out_dir at the end."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -190,6 +192,11 @@ def load_dit(
             full = ("blocks", *key)
             if full not in targets:
                 raise CheckpointFormatError(f"{path}: unexpected parameter blocks.{i}.{'.'.join(key)}")
+            if tuple(value.shape) != tuple(targets[full].shape[1:]):
+                raise CheckpointFormatError(
+                    f"{path}: parameter blocks.{i}.{'.'.join(key)} has shape {value.shape}, the model needs "
+                    f"{targets[full].shape[1:]}"
+                )
             if full not in stacked:
                 stacked[full] = np.empty(targets[full].shape, targets[full].dtype)
             stacked[full][i] = np.asarray(value).astype(targets[full].dtype)
