@@ -50,21 +50,22 @@ class MLP(nnx.Module):
         self.linear_2 = Linear(dim, dim, dtype=dtype, rngs=rngs)
 
 
-class SelfAttention(nnx.Module):
-    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
-        d = cfg.dim
-        self.q, self.k, self.v, self.o = (Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
-        self.norm_q = Scale(d, bias=False, rngs=rngs)
-        self.norm_k = Scale(d, bias=False, rngs=rngs)
-        self.proj_l = Linear(cfg.head_dim, cfg.head_dim, dtype=dtype, rngs=rngs) if cfg.sla_proj else None
-
-
 class CrossAttention(nnx.Module):
+    """q, k, v, o projections and the q/k RMSNorm weights (over the full width, before the head split)."""
+
     def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
         d = cfg.dim
         self.q, self.k, self.v, self.o = (Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
         self.norm_q = Scale(d, bias=False, rngs=rngs)
         self.norm_k = Scale(d, bias=False, rngs=rngs)
+
+
+class SelfAttention(CrossAttention):
+    """The cross-attention's parameters plus SLA's proj_l, shared by the heads of the layer."""
+
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        self.proj_l = Linear(cfg.head_dim, cfg.head_dim, dtype=dtype, rngs=rngs) if cfg.sla_proj else None
 
 
 class FFN(nnx.Module):
