@@ -1,31 +1,56 @@
-"""SLA sparse-linear attention: the pure-jnp reference (the semantics) and its dispatcher.
+"""SLA sparse-linear attention: the pure-jnp reference (the semantics), the Pallas kernels, and the dispatcher.
 
-The Pallas kernels of the SLA issue plug in here as further `implementation` values; until they exist every call
-runs the reference, on every device.
+Every implementation shares the block map (mean-pool + top-k, XLA) and the linear branch (XLA einsums over a
+d x d state per head); they differ in the sparse branch, which is where the time goes.
 """
 
 from __future__ import annotations
 
-from pallas_kernels.sla import reference
+import jax
+
+from pallas_kernels.sla import reference, triton
 from pallas_kernels.sla.reference import block_map, linear_attention, num_selected_blocks, sparse_attention
 
-IMPLEMENTATIONS = ("reference",)
+IMPLEMENTATIONS = ("reference", "triton")
 
 
-def sla_attention(q, k, v, *, topk, block_q=128, block_k=64, proj_w=None, proj_b=None, implementation=None):
-    """SLA over q, k, v [B, L, H, D] -> [B, L, H, D]; see `reference.sla_attention` for the exact semantics.
+def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
+    """The Triton kernel needs power-of-two tiles of at least 16 (tensor-core dots) and a power-of-two head dim."""
+    pow2 = lambda n: n >= 16 and n & (n - 1) == 0
+    return pow2(block_q) and pow2(block_k) and pow2(q.shape[-1])
 
-    implementation: None picks the fastest available for the device; "reference" forces the pure-jnp version."""
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(f"unknown SLA implementation {implementation!r}; available: {', '.join(IMPLEMENTATIONS)}")
-    return reference.sla_attention(
-        q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=proj_w, proj_b=proj_b
-    )
+
+def default_implementation(q: jax.Array, block_q: int, block_k: int) -> str:
+    if jax.default_backend() == "gpu" and triton_supports(q, block_q, block_k):
+        return "triton"
+    return "reference"
+
+
+def sla_attention(
+    q, k, v, *, topk, block_q=128, block_k=64, proj_w=None, proj_b=None, implementation=None, interpret=False
+):
+    """SLA over q, k, v [B, L, H, D] -> [B, L, H, D]; `reference.sla_attention` defines the semantics.
+
+    implementation: None picks the fastest available for the device and shapes; "reference" is pure jnp;
+    "triton" is the Pallas-Triton sparse kernel (interpret=True runs it on the CPU for tests)."""
+    impl = implementation or default_implementation(q, block_q, block_k)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown SLA implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    if impl == "triton":
+        if not triton_supports(q, block_q, block_k):
+            raise ValueError(f"the Triton SLA kernel needs power-of-two block sizes >= 16 and head dim; got "
+                             f"block_q={block_q}, block_k={block_k}, head_dim={q.shape[-1]}")
+        o_sparse = triton.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k, interpret=interpret)
+    else:
+        o_sparse = sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
+    return reference.add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)
 
 
 __all__ = [
     "IMPLEMENTATIONS",
     "block_map",
+    "default_implementation",
     "linear_attention",
     "num_selected_blocks",
     "sla_attention",

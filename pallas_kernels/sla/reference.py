@@ -48,7 +48,7 @@ def _block_means(x: jax.Array, block: int) -> jax.Array:
 
 
 def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k: int) -> jax.Array:
-    """Selected key blocks per query block: int32 [B, H, Nq, k] for q, k [B, L, H, D] (acceleration.md 3.1).
+    """Selected key blocks per query block, ascending: int32 [B, H, Nq, k] for q, k [B, L, H, D] (acceleration.md 3.1).
 
     Scores are the bf16 product of pooled q and pooled mean-centred k, with no 1/sqrt(d) scale; which of several
     equal scores wins is unspecified (the reference's torch.topk does not define it either)."""
@@ -58,7 +58,8 @@ def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k:
     pooled_k = _block_means(kh - k_mean, block_k)
     scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k, preferred_element_type=f32).astype(q.dtype)
     n_sel = num_selected_blocks(topk, pooled_k.shape[2])
-    return jax.lax.top_k(scores.astype(f32), n_sel)[1].astype(jnp.int32)
+    # Ascending block order (the set is what matters): kernels then walk K/V front to back.
+    return jnp.sort(jax.lax.top_k(scores.astype(f32), n_sel)[1].astype(jnp.int32), axis=-1)
 
 
 def sparse_attention(
@@ -110,6 +111,19 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return (num / (den + jnp.asarray(1e-5, dt))).astype(dt)
 
 
+def add_linear_branch(
+    o_sparse: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, proj_w: jax.Array | None, proj_b: jax.Array | None
+) -> jax.Array:
+    """cast(o_sparse + proj_l(linear_attention(q, k, v))); o_sparse alone when there is no proj_l."""
+    if proj_w is None:
+        return o_sparse
+    o_lin = linear_attention(q, k, v)
+    o_lin = jax.lax.dot_general(o_lin, proj_w.astype(q.dtype), (((3,), (1,)), ((), ())), preferred_element_type=f32)
+    if proj_b is not None:
+        o_lin = o_lin + proj_b.astype(f32)
+    return (o_sparse + o_lin.astype(q.dtype)).astype(q.dtype)
+
+
 def sla_attention(
     q: jax.Array,
     k: jax.Array,
@@ -127,10 +141,4 @@ def sla_attention(
     returned (proj_l is zero-initialised, so that is SLA before fine-tuning)."""
     lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
     o_sparse = sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
-    if proj_w is None:
-        return o_sparse
-    o_lin = linear_attention(q, k, v)
-    o_lin = jax.lax.dot_general(o_lin, proj_w.astype(q.dtype), (((3,), (1,)), ((), ())), preferred_element_type=f32)
-    if proj_b is not None:
-        o_lin = o_lin + proj_b.astype(f32)
-    return (o_sparse + o_lin.astype(q.dtype)).astype(q.dtype)
+    return add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)

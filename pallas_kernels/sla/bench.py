@@ -1,0 +1,132 @@
+"""SLA benchmark at Wan's real attention shapes, every path timed in one process on one GPU.
+
+    python -m pallas_kernels.sla.bench            # the table of the SLA issue
+    python -m pallas_kernels.sla.bench --sweep    # also a Triton launch-config sweep at H=12, L=32760
+
+Rows: cuDNN dense attention (the baseline), SLA with the pure-XLA reference, SLA with the Pallas-Triton sparse
+kernel (block map + sparse kernel + linear branch + proj_l, i.e. what the DiT calls), and the sparse kernel alone.
+Times are medians of --iters calls after a warm-up. Inputs: bf16 N(0,1) q, v and keys with a shared mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import sla
+from pallas_kernels.sla import reference, triton
+
+SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
+TOPKS = [0.1, 0.15]
+
+
+def bench(fn, *args, iters: int) -> float:
+    """Median wall time in ms of fn(*args) (jitted), after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def inputs(h: int, l: int, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q, k, v = (jax.random.normal(kk, (1, l, h, 128), jnp.bfloat16) for kk in keys[:3])
+    k = (k + 2.0 * jax.random.normal(keys[3], (1, 1, h, 128))).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(keys[4], (128, 128))).astype(jnp.bfloat16)
+    b = (0.05 * jax.random.normal(keys[5], (128,))).astype(jnp.bfloat16)
+    return q, k, v, w, b
+
+
+def sla_triton(q, k, v, w, b, *, topk, block_q, block_k, config=triton.TritonConfig()):
+    lut = sla.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    o = triton.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k, config=config)
+    return reference.add_linear_branch(o, q, k, v, w, b)
+
+
+def rel(a, b) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[dict]:
+    rows = []
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    for h, l in SHAPES:
+        q, k, v, w, b = inputs(h, l)
+        dense_ms = bench(cudnn, q, k, v, iters=iters)
+        rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
+        for topk in TOPKS:
+            ours = jax.jit(functools.partial(sla_triton, topk=topk, block_q=block_q, block_k=block_k))
+            lut = jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q, block_k=block_k))(q, k)
+            sparse = jax.jit(functools.partial(triton.sparse_attention, block_q=block_q, block_k=block_k))
+            ours_ms = bench(ours, q, k, v, w, b, iters=iters)
+            rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, Pallas-Triton ({block_q},{block_k})",
+                             ms=ours_ms, vs_cudnn=dense_ms / ours_ms))
+            rows.append(dict(heads=h, tokens=l, topk=topk, path="  sparse kernel alone",
+                             ms=bench(sparse, q, k, v, lut, iters=iters)))
+            if with_reference and h * l <= 40 * 32760:
+                ref_fn = jax.jit(functools.partial(reference.sla_attention, topk=topk, block_q=block_q,
+                                                   block_k=block_k))
+                ref_ms = bench(ref_fn, q, k, v, w, b, iters=max(2, iters // 3))
+                rows.append(dict(heads=h, tokens=l, topk=topk, path="SLA, pure-XLA reference", ms=ref_ms,
+                                 rel_diff=rel(ours(q, k, v, w, b), ref_fn(q, k, v, w, b))))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def sweep(iters: int) -> list[dict]:
+    q, k, v, _, _ = inputs(12, 32760)
+    rows = []
+    for block_q, block_k in ((128, 64), (64, 128), (128, 128)):
+        lut = sla.block_map(q, k, topk=0.1, block_q=block_q, block_k=block_k)
+        for num_warps in (4, 8):
+            for num_stages in (2, 3, 4):
+                cfg = triton.TritonConfig(num_warps=num_warps, num_stages=num_stages)
+                fn = jax.jit(functools.partial(triton.sparse_attention, block_q=block_q, block_k=block_k,
+                                               config=cfg))
+                try:
+                    ms = bench(fn, q, k, v, lut, iters=iters)
+                except Exception as e:  # a config the compiler rejects (e.g. shared memory) is reported, not fatal
+                    ms = float("nan")
+                    print(f"({block_q},{block_k}) {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                rows.append(dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                                 ms=ms))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--block-q", type=int, default=128)
+    p.add_argument("--block-k", type=int, default=64)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA rows")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    out = {"sweep": sweep(args.iters)} if args.sweep else {}
+    out["table"] = table(args.iters, args.block_q, args.block_k, not args.no_reference)
+    print("\n| heads | tokens | topk | path | ms | vs cuDNN | rel. diff vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in out["table"]:
+        vs = f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else ""
+        rd = f"{r['rel_diff']:.1e}" if "rel_diff" in r else ""
+        print(f"| {r['heads']} | {r['tokens']} | {r['topk'] or ''} | {r['path']} | {r['ms']:.3f} | {vs} | {rd} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""SLA's sparse branch as a Pallas-Triton kernel: block-sparse flash attention driven by the top-k index table.
+
+One program per (query block, batch, head). It loads its query block once, then walks the k selected key blocks of
+its LUT row: a data-dependent load of each K/V block, an exp2 online softmax in fp32, and a bf16 P.V with fp32
+accumulation. Rows and keys past the sequence end are masked, so ragged lengths (32,760 = 255.9 x 128) need no
+padding copies. q, k, v stay in the DiT's [B, L, H, D] layout; each program sees its (b, h) slice as an [L, D] ref.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Launch parameters; block sizes come from the SLA block map itself."""
+
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def _sparse_kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len, block_q, block_k, n_sel, scale):
+    """lut_ref [k_pad] int32; q_ref, k_ref, v_ref, o_ref [L, D] of this (batch, head)."""
+    i = pl.program_id(0)
+    rows = i * block_q + jnp.arange(block_q)
+    row_ok = (rows < seq_len)[:, None]
+    q = pltr.load(q_ref.at[pl.ds(i * block_q, block_q), :], mask=row_ok, other=0.0)
+    d = q.shape[-1]
+
+    def body(t, carry):
+        acc, m, l = carry
+        start = lut_ref[t] * block_k
+        col_ok = start + jnp.arange(block_k) < seq_len
+        k = pltr.load(k_ref.at[pl.ds(start, block_k), :], mask=col_ok[:, None], other=0.0)
+        s = pltr.dot(q, k.T) * (scale * LOG2E)
+        s = jnp.where(col_ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        v = pltr.load(v_ref.at[pl.ds(start, block_k), :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + pltr.dot(p.astype(v.dtype), v)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    init = (
+        jnp.zeros((block_q, d), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, _, l = jax.lax.fori_loop(0, n_sel, body, init)
+    pltr.store(o_ref.at[pl.ds(i * block_q, block_q), :], (acc / l[:, None]).astype(o_ref.dtype), mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "config", "interpret"))
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lut: jax.Array,
+    *,
+    block_q: int,
+    block_k: int,
+    config: TritonConfig = TritonConfig(),
+    interpret: bool = False,
+) -> jax.Array:
+    """Block-sparse softmax attention over the key blocks in lut [B, H, Nq, k]; q, k, v [B, L, H, D] -> [B, L, H, D].
+
+    Same semantics as `reference.sparse_attention`."""
+    b, l, h, d = q.shape
+    nq, n_sel = lut.shape[2], lut.shape[3]
+    if nq != pl.cdiv(l, block_q):
+        raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
+    k_pad = pl.next_power_of_2(n_sel)
+    lut = jnp.pad(lut.astype(jnp.int32), ((0, 0), (0, 0), (0, 0), (0, k_pad - n_sel)))
+    seq = pl.BlockSpec((None, l, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    kernel = functools.partial(
+        _sparse_kernel, seq_len=l, block_q=block_q, block_k=block_k, n_sel=n_sel, scale=1.0 / math.sqrt(d)
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, b, h),
+        in_specs=[pl.BlockSpec((None, None, None, k_pad), lambda i, bi, hi: (bi, hi, i, 0)), seq, seq, seq],
+        out_specs=seq,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="sla_sparse_fwd",
+    )(lut, q, k, v)
