@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import sla
-from pallas_kernels.sla import reference, triton
+from pallas_kernels.sla import mosaic, reference, triton
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -91,3 +91,27 @@ def test_lut_is_ascending():
     q, k, _ = _inputs(5, 1, 256, 2, 32)
     lut = np.asarray(sla.block_map(q, k, topk=0.3, block_q=16, block_k=16))
     assert (np.diff(lut, axis=-1) > 0).all()
+
+
+def test_mosaic_is_refused_where_it_cannot_run():
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="sm90"):
+            sla.sla_attention(q, q, q, topk=0.5, block_q=128, block_k=64, implementation="mosaic")
+    with pytest.raises(ValueError, match="sm90"):
+        sla.sla_attention(q, q, q, topk=0.5, block_q=64, block_k=64, implementation="mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("l, h, bk, topk", [(1000, 2, 64, 0.15), (32760, 2, 64, 0.1), (4100, 3, 128, 0.2)])
+def test_mosaic_sparse_branch_matches_reference(l, h, bk, topk):
+    """The Hopper kernel cannot run in the CPU interpreter (8/16-bit transposed smem operands), so it is checked
+    here, on the device, against the same reference."""
+    assert mosaic.supports(jnp.zeros((1, 1, 1, 128), jnp.bfloat16), 128, bk), "needs an sm90 GPU"
+    q, k, v = _inputs(l, 2, l, h, 128)
+    lut = sla.block_map(q, k, topk=topk, block_q=128, block_k=bk)
+    out = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=bk)
+    ref = reference.sparse_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lut,
+                                     block_q=128, block_k=bk)
+    assert _rel(out, ref) < 1e-2
+    assert np.isfinite(np.asarray(out, np.float32)).all()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.sla import reference, triton
+from pallas_kernels.sla import mosaic, reference, triton
 from pallas_kernels.sla.reference import block_map, linear_attention, num_selected_blocks, sparse_attention
 
-IMPLEMENTATIONS = ("reference", "triton")
+IMPLEMENTATIONS = ("reference", "triton", "mosaic")
 
 
 def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
@@ -21,9 +21,12 @@ def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
 
 
 def default_implementation(q: jax.Array, block_q: int, block_k: int) -> str:
-    if jax.default_backend() == "gpu" and triton_supports(q, block_q, block_k):
-        return "triton"
-    return "reference"
+    """Mosaic GPU on Hopper where its tiles fit, else Pallas-Triton on any GPU, else the reference."""
+    if jax.default_backend() != "gpu":
+        return "reference"
+    if mosaic.supports(q, block_q, block_k):
+        return "mosaic"
+    return "triton" if triton_supports(q, block_q, block_k) else "reference"
 
 
 def sla_attention(
@@ -32,7 +35,8 @@ def sla_attention(
     """SLA over q, k, v [B, L, H, D] -> [B, L, H, D]; `reference.sla_attention` defines the semantics.
 
     implementation: None picks the fastest available for the device and shapes; "reference" is pure jnp;
-    "triton" is the Pallas-Triton sparse kernel (interpret=True runs it on the CPU for tests)."""
+    "triton" is the Pallas-Triton sparse kernel (interpret=True runs it on the CPU for tests); "mosaic" is the
+    Mosaic GPU kernel for Hopper (no CPU interpreter)."""
     impl = implementation or default_implementation(q, block_q, block_k)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown SLA implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
@@ -42,6 +46,12 @@ def sla_attention(
             raise ValueError(f"the Triton SLA kernel needs power-of-two block sizes >= 16 and head dim; got "
                              f"block_q={block_q}, block_k={block_k}, head_dim={q.shape[-1]}")
         o_sparse = triton.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k, interpret=interpret)
+    elif impl == "mosaic":
+        if not mosaic.supports(q, block_q, block_k):
+            raise ValueError(f"the Mosaic SLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, block_q 128 "
+                             f"and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, blocks "
+                             f"({block_q}, {block_k})")
+        o_sparse = mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
     else:
         o_sparse = sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
     return reference.add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)

@@ -1,10 +1,10 @@
 """SLA benchmark at Wan's real attention shapes, every path timed in one process on one GPU.
 
     python -m pallas_kernels.sla.bench            # the table of the SLA issue
-    python -m pallas_kernels.sla.bench --sweep    # also a Triton launch-config sweep at H=12, L=32760
+    python -m pallas_kernels.sla.bench --sweep    # also a launch-config sweep at H=12, L=32760
 
-Rows: cuDNN dense attention (the baseline), SLA with the pure-XLA reference, SLA with the Pallas-Triton sparse
-kernel (block map + sparse kernel + linear branch + proj_l, i.e. what the DiT calls), and the sparse kernel alone.
+Rows: cuDNN dense attention (the baseline); SLA with each sparse kernel (Pallas-Triton, Mosaic GPU) as the DiT calls
+it (block map + sparse kernel + linear branch + proj_l) and the sparse kernel alone; SLA with the pure-XLA reference.
 Times are medians of --iters calls after a warm-up. Inputs: bf16 N(0,1) q, v and keys with a shared mean.
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import sla
-from pallas_kernels.sla import reference, triton
+from pallas_kernels.sla import mosaic, reference, triton
 
 SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
 TOPKS = [0.1, 0.15]
@@ -46,9 +46,10 @@ def inputs(h: int, l: int, seed: int = 0):
     return q, k, v, w, b
 
 
-def sla_triton(q, k, v, w, b, *, topk, block_q, block_k, config=triton.TritonConfig()):
+def sla_with(kernel, q, k, v, w, b, *, topk, block_q, block_k):
+    """What the DiT runs: block map, the given sparse kernel, linear branch and proj_l."""
     lut = sla.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
-    o = triton.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k, config=config)
+    o = kernel(q, k, v, lut, block_q=block_q, block_k=block_k)
     return reference.add_linear_branch(o, q, k, v, w, b)
 
 
@@ -65,42 +66,52 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[
         dense_ms = bench(cudnn, q, k, v, iters=iters)
         rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
         for topk in TOPKS:
-            ours = jax.jit(functools.partial(sla_triton, topk=topk, block_q=block_q, block_k=block_k))
             lut = jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q, block_k=block_k))(q, k)
-            sparse = jax.jit(functools.partial(triton.sparse_attention, block_q=block_q, block_k=block_k))
-            ours_ms = bench(ours, q, k, v, w, b, iters=iters)
-            rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, Pallas-Triton ({block_q},{block_k})",
-                             ms=ours_ms, vs_cudnn=dense_ms / ours_ms))
-            rows.append(dict(heads=h, tokens=l, topk=topk, path="  sparse kernel alone",
-                             ms=bench(sparse, q, k, v, lut, iters=iters)))
+            results = {}
+            for name, kernel in (("Pallas-Triton", triton.sparse_attention), ("Mosaic GPU", mosaic.sparse_attention)):
+                full = jax.jit(functools.partial(sla_with, kernel, topk=topk, block_q=block_q, block_k=block_k))
+                sparse = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k))
+                try:
+                    ms = bench(full, q, k, v, w, b, iters=iters)
+                except Exception as e:  # report a kernel that fails to build here, keep the other rows
+                    print(f"{name} failed at H={h} L={l}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                results[name] = full(q, k, v, w, b)
+                rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, {name} ({block_q},{block_k})", ms=ms,
+                                 vs_cudnn=dense_ms / ms))
+                rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {name} sparse kernel alone",
+                                 ms=bench(sparse, q, k, v, lut, iters=iters)))
+                print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
             if with_reference and h * l <= 40 * 32760:
-                ref_fn = jax.jit(functools.partial(reference.sla_attention, topk=topk, block_q=block_q,
-                                                   block_k=block_k))
-                ref_ms = bench(ref_fn, q, k, v, w, b, iters=max(2, iters // 3))
-                rows.append(dict(heads=h, tokens=l, topk=topk, path="SLA, pure-XLA reference", ms=ref_ms,
-                                 rel_diff=rel(ours(q, k, v, w, b), ref_fn(q, k, v, w, b))))
-            print(json.dumps(rows[-1]), flush=True)
+                ref_fn = jax.jit(lambda q, k, v, w, b, topk=topk: reference.sla_attention(
+                    q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=w, proj_b=b))
+                ref_out = ref_fn(q, k, v, w, b)
+                rows.append(dict(heads=h, tokens=l, topk=topk, path="SLA, pure-XLA reference",
+                                 ms=bench(ref_fn, q, k, v, w, b, iters=max(2, iters // 3)),
+                                 rel_diff={n: rel(o, ref_out) for n, o in results.items()}))
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def sweep(iters: int) -> list[dict]:
+    """Launch configurations of both kernels at H=12, L=32760, topk 0.1."""
     q, k, v, _, _ = inputs(12, 32760)
+    candidates = [(bq, bk, "triton", triton.TritonConfig(num_warps=w, num_stages=st))
+                  for bq, bk in ((128, 64), (64, 128)) for w in (4, 8) for st in (2, 3)]
+    candidates += [(128, bk, "mosaic", mosaic.MosaicConfig(max_concurrent_steps=n))
+                   for bk in (64, 128) for n in (2, 3, 4)]
     rows = []
-    for block_q, block_k in ((128, 64), (64, 128), (128, 128)):
+    for block_q, block_k, name, cfg in candidates:
         lut = sla.block_map(q, k, topk=0.1, block_q=block_q, block_k=block_k)
-        for num_warps in (4, 8):
-            for num_stages in (2, 3, 4):
-                cfg = triton.TritonConfig(num_warps=num_warps, num_stages=num_stages)
-                fn = jax.jit(functools.partial(triton.sparse_attention, block_q=block_q, block_k=block_k,
-                                               config=cfg))
-                try:
-                    ms = bench(fn, q, k, v, lut, iters=iters)
-                except Exception as e:  # a config the compiler rejects (e.g. shared memory) is reported, not fatal
-                    ms = float("nan")
-                    print(f"({block_q},{block_k}) {cfg}: {type(e).__name__}: {str(e)[:200]}")
-                rows.append(dict(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                                 ms=ms))
-                print(json.dumps(rows[-1]), flush=True)
+        kernel = triton.sparse_attention if name == "triton" else mosaic.sparse_attention
+        fn = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k, config=cfg))
+        try:
+            ms = bench(fn, q, k, v, lut, iters=iters)
+        except Exception as e:  # a config the compiler rejects (e.g. shared memory) is reported, not fatal
+            ms = float("nan")
+            print(f"{name} ({block_q},{block_k}) {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append(dict(kernel=name, block_q=block_q, block_k=block_k, config=str(cfg), ms=ms))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -120,7 +131,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in out["table"]:
         vs = f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else ""
-        rd = f"{r['rel_diff']:.1e}" if "rel_diff" in r else ""
+        rd = ", ".join(f"{n} {x:.1e}" for n, x in r.get("rel_diff", {}).items())
         print(f"| {r['heads']} | {r['tokens']} | {r['topk'] or ''} | {r['path']} | {r['ms']:.3f} | {vs} | {rd} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,183 @@
+"""SLA's sparse branch as a Mosaic GPU (Hopper) kernel: FlashAttention-3 structure walking the top-k index table.
+
+One CTA per (head, 128-row query block, batch) = one row of the SLA block map, with three warpgroups:
+  two compute warpgroups, 64 query rows each, share that row's key blocks: S = Q K^T by wgmma from shared memory,
+      an exp2 online softmax in fp32 registers, O += P V by wgmma with P (bf16) in registers. A "schedule" barrier
+      ping-pongs them so one's softmax overlaps the other's matrix products;
+  one memory warpgroup reads the block indices lut[b, h, i, t] and issues TMA copies of K/V block lut[t] into a
+      ring of `max_concurrent_steps` shared-memory slots, refilling a slot once both compute warpgroups consumed it.
+Ragged lengths: TMA zero-fills reads past L and drops writes past L; keys past L get -inf logits.
+Tuning lives in MosaicConfig. Needs sm90 (wgmma, TMA); it cannot run in the CPU interpreter (see tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+WG_ROWS = 64  # query rows per compute warpgroup (the wgmma M)
+COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    max_concurrent_steps: int = 3  # K/V ring depth (shared-memory slots)
+
+
+def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
+    """Hopper, bf16/fp16, head_dim a multiple of 64 up to 128; one CTA per 128-row query block; key blocks of 64
+    or 128 rows."""
+    try:
+        is_sm90 = jax.devices()[0].compute_capability == "9.0"
+    except AttributeError:
+        return False
+    return (is_sm90 and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
+            and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
+
+
+def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedule,
+            *, seq_len, block_k, n_sel, slots, scale):
+    """lut_ref int32 [B, H, Nq, k]; q/k/v/o_ref [B, L, H, D] in global memory."""
+    qo_smem, k_smem, v_smem = smem
+    k_loaded, v_loaded, q_loaded = loaded
+    k_consumed, v_consumed = consumed
+    bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
+    wg = lax.axis_index("wg")
+    lut_row = lut_ref.at[bi, hi, qi]
+
+    def kv_rows(t):
+        return pl.ds(lut_row[t] * block_k, block_k)
+
+    def take_turn():
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem = qo_smem.at[wg]
+        rows = pl.ds(qi * (COMPUTE_WGS * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem, q_loaded.at[wg])
+        plgpu.barrier_wait(q_loaded.at[wg])
+        d = q_smem.shape[-1]
+        acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(k_loaded.at[0])
+        pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
+
+        def step(t, carry):
+            acc, m, l = carry
+            slot = lax.rem(t, slots)
+
+            def qk_product(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                take_turn()
+                return s_ref[...]
+
+            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            # Keys past the end (only in the last, partial block) must not take part in the softmax.
+            s = jnp.where(col < seq_len - lut_row[t] * block_k, s * (scale * LOG2E), -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(v_smem.dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            plgpu.barrier_arrive(schedule)  # softmax done
+            plgpu.barrier_wait(v_loaded.at[slot])
+            plgpu.barrier_wait(schedule)  # the tensor cores are ours again
+
+            def pv_product(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                @pl.when(t + 1 < n_sel)
+                def _():
+                    plgpu.barrier_wait(k_loaded.at[lax.rem(t + 1, slots)])
+
+            acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        acc, m, l = lax.fori_loop(0, n_sel, step, (acc, m, l))
+        pl.when(wg == 0)(take_turn)
+        q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, rows, hi])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch_k(t, slot):
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows(t), hi], k_smem.at[slot], k_loaded.at[slot])
+
+        def fetch_v(t, slot):
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows(t), hi], v_smem.at[slot], v_loaded.at[slot])
+
+        for t in range(slots):
+            fetch_k(t, t)
+            fetch_v(t, t)
+
+        @pl.loop(slots, n_sel)
+        def _refill(t):
+            # K and V of a slot are released separately (S = QK^T finishes before P.V), so refill them separately.
+            slot = lax.rem(t, slots)
+            plgpu.barrier_wait(k_consumed.at[slot])
+            fetch_k(t, slot)
+            plgpu.barrier_wait(v_consumed.at[slot])
+            fetch_v(t, slot)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "config"))
+def sparse_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, lut: jax.Array, *, block_q: int, block_k: int,
+    config: MosaicConfig = MosaicConfig(),
+) -> jax.Array:
+    """Block-sparse softmax attention over the key blocks in lut [B, H, Nq, k]; q, k, v [B, L, H, D] -> same.
+
+    Same semantics as `reference.sparse_attention`; block_q must be 128 (two 64-row warpgroups)."""
+    b, l, h, d = q.shape
+    nq, n_sel = lut.shape[2], lut.shape[3]
+    if block_q != COMPUTE_WGS * WG_ROWS:
+        raise ValueError(f"the Mosaic SLA kernel takes block_q={COMPUTE_WGS * WG_ROWS}, got {block_q}")
+    if nq != pl.cdiv(l, block_q):
+        raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
+    slots = min(config.max_concurrent_steps, n_sel)
+    tile = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def entry(lut_ref, q_ref, k_ref, v_ref, o_ref):
+        smem = (
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), q.dtype, transforms=tile),
+            plgpu.SMEM((slots, block_k, d), k.dtype, transforms=tile),
+            plgpu.SMEM((slots, block_k, d), v.dtype, transforms=tile),
+        )
+        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+                  plgpu.Barrier(num_barriers=COMPUTE_WGS))
+        consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
+        kernel = functools.partial(_kernel, lut_ref, q_ref, k_ref, v_ref, o_ref, seq_len=l, block_k=block_k,
+                                   n_sel=n_sel, slots=slots, scale=1.0 / math.sqrt(d))
+        pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
+                      plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(h, nq, b),
+        grid_names=("heads", "q_blocks", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(lut.astype(jnp.int32), q, k, v)
