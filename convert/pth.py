@@ -118,6 +118,14 @@ def _rebuild_tensor_v3(
     return _view(_as_storage(storage), storage_offset, size, stride, dtype.dtype)
 
 
+class _StateDict(dict):
+    """What an OrderedDict loads as. nn.Module.state_dict() returns one carrying a `_metadata` attribute (module
+    versions), which pickle restores with a BUILD opcode; it means nothing here and is dropped."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
 def _rebuild_parameter(data, requires_grad, backward_hooks):
     return data
 
@@ -127,7 +135,7 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
-    ("collections", "OrderedDict"): _Function(dict),
+    ("collections", "OrderedDict"): _Function(_StateDict),
     ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor_v2),
     ("torch._utils", "_rebuild_tensor_v3"): _Function(_rebuild_tensor_v3),
     ("torch._utils", "_rebuild_parameter"): _Function(_rebuild_parameter),

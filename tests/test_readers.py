@@ -116,7 +116,7 @@ def _write_torch_zip(path: Path, data_pkl: bytes, records: dict[str, bytes], byt
 
 # --- .pth: round trips ---
 
-@pytest.mark.parametrize("name", ["dtypes", "layout", "nested"])
+@pytest.mark.parametrize("name", ["dtypes", "layout", "nested", "module"])
 def test_pth_fixture_loads_exactly_as_torch_saved_it(name):
     loaded = _flatten(load_pth(FIXTURES / f"{name}.pth"), name)
     assert sorted(loaded) == sorted(k for k in EXPECTED if k.startswith(f"{name}/"))
@@ -149,6 +149,13 @@ def test_pth_nested_containers_keep_their_structure():
     assert nested["meta"] == {"lr": 1e-4, "name": "wan", "shape": [2, 3], "pair": (1, None), "flag": True}
     assert list(nested["state_dict"]) == ["blocks.0.weight", "blocks.0.bias"]
     assert isinstance(nested["tensors"], list) and isinstance(nested["tensors"][1], tuple)
+
+
+def test_pth_module_state_dict_drops_its_metadata():
+    """torch.save(module.state_dict()) pickles an OrderedDict with a _metadata attribute (restored by BUILD)."""
+    sd = load_pth(FIXTURES / "module.pth")
+    assert list(sd) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
+    assert isinstance(sd, dict) and not hasattr(sd, "_metadata")
 
 
 def test_pth_hand_built_zip_loads(tmp_path):
