@@ -149,13 +149,21 @@ def _weight(tensors, name):
     raise CheckpointError(f"missing key {name}.weight (needed to infer the model size)")
 
 
+def _config_value(config_json: dict, key: str, kind: type):
+    value = config_json[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise CheckpointError(f"config.json beside the checkpoint has {key}={value!r}; expected a {kind.__name__}. "
+                              "Fix the file, or pass the value on the command line where possible (--num-heads)")
+    return kind(value)
+
+
 def _num_heads(dim: int, proj_l_dim: int | None, config_json: dict | None, num_heads: int | None) -> int:
     if num_heads:
         return num_heads
     if config_json:
         for key in ("num_heads", "num_attention_heads"):
             if key in config_json:
-                return int(config_json[key])
+                return _config_value(config_json, key, int)
     if proj_l_dim:
         return dim // proj_l_dim
     for cfg in PRESETS.values():
@@ -192,7 +200,7 @@ def infer_config(
         out_dim=_weight(tensors, "head.head").shape[0] // n_patch,
         text_dim=_weight(tensors, "text_embedding.0").shape[1],
         freq_dim=_weight(tensors, "time_embedding.0").shape[1],
-        eps=float(config_json.get("eps", 1e-6)) if config_json else 1e-6,
+        eps=_config_value(config_json, "eps", float) if config_json and "eps" in config_json else 1e-6,
         patch_size=patch_size,
         sla_proj=proj is not None,
         family="turbodiffusion" if layout == "turbodiffusion" else "wan",
@@ -214,8 +222,7 @@ def infer_config(
 
 def expected_shapes(cfg: WanConfig, quantized: bool) -> dict[str, tuple[int, ...]]:
     """Every canonical key of a checkpoint of this config, with its shape."""
-    d, f, hd = cfg.dim, cfg.ffn_dim, cfg.head_dim
-    n_out = cfg.out_dim * math.prod(cfg.patch_size)
+    d, f, hd, n_out = cfg.dim, cfg.ffn_dim, cfg.head_dim, cfg.head_out_dim
     shapes = {
         "patch_embedding.weight": (d, cfg.patch_dim), "patch_embedding.bias": (d,),
         "text_embedding.0.weight": (d, cfg.text_dim), "text_embedding.0.bias": (d,),

@@ -222,6 +222,13 @@ def _archive_prefix(zf: zipfile.ZipFile) -> str:
 
 def _read_record(zf: zipfile.ZipFile, name: str) -> bytes:
     try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise CheckpointError(f"record {name} is missing: the file is truncated or corrupt") from None
+    # torch.save stores every record uncompressed; a compressed one could inflate to any size before we look at it.
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(f"record {name} is compressed, which torch.save never does: not a torch checkpoint")
+    try:
         return zf.read(name)
     except KeyError:
         raise CheckpointError(f"record {name} is missing: the file is truncated or corrupt") from None

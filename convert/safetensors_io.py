@@ -86,6 +86,10 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError("no weight_map of tensor name -> shard file: not a safetensors index")
+    outside = sorted({v for v in weight_map.values() if Path(v).name != v})
+    if outside:
+        raise CheckpointError(f"weight_map names shard files outside the index's folder ({outside[0]}); shards must "
+                              "be plain file names beside the index")
     return weight_map
 
 

@@ -60,12 +60,18 @@ def resolve(sources: list[str]) -> tuple[list[Path], dict | None]:
     return files, config_json
 
 
-def _flatten(obj, prefix: str, out: dict[str, np.ndarray], source: Path) -> None:
+MAX_NESTING = 32  # real checkpoints nest a state dict 1-3 levels deep
+
+
+def _flatten(obj, prefix: str, out: dict[str, np.ndarray], source: Path, depth: int = 0) -> None:
+    if depth > MAX_NESTING:
+        raise CheckpointError(f"{source}: containers nested over {MAX_NESTING} deep at {prefix[:80]!r}; not a state "
+                              "dict")
     if isinstance(obj, np.ndarray):
         out[prefix] = obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, source)
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, source, depth + 1)
     elif prefix.endswith(("_extra_state",)) or isinstance(obj, (int, float, str, type(None))):
         return  # bookkeeping values (step counters, versions) beside the weights
     else:

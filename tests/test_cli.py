@@ -75,3 +75,35 @@ def test_dequantize_uses_each_128x128_tile_scale():
     for i in range(300):
         for j in (0, 127, 128, 255, 256, 259):
             assert out[i, j] == np.float32(q[i, j]) * scale[i // 128, j // 128]
+
+
+def test_generate_missing_checkpoint_is_one_clear_error(tmp_path, capsys):
+    ctx = tmp_path / "ctx.npy"
+    np.save(ctx, np.zeros((1, 512, 32), np.float32))
+    rc = main(["generate", "--checkpoint", str(tmp_path / "nope"), "--context", str(ctx), "--out",
+               str(tmp_path / "x.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a converted turbojax checkpoint" in err[0]
+
+
+def test_generate_i2v_with_cond_and_bad_cond(tmp_path, capsys):
+    from convert.cli import main as convert_main
+
+    ckpt = tmp_path / "i2v"
+    assert convert_main([str(FIXTURES / "turbo_i2v" / "turbo_i2v.pth"), "--out", str(ckpt), "--quiet"]) == 0
+    io = np.load(FIXTURES / "turbo_i2v" / "io.npz")
+    ctx, cond = tmp_path / "ctx.npy", tmp_path / "cond.npy"
+    np.save(ctx, io["context"][:1])
+    np.save(cond, io["cond"][:1])
+    args = ["generate", "--checkpoint", str(ckpt), "--context", str(ctx), "--frames", "9", "--height", "32",
+            "--width", "48", "--steps", "2", "--sigma-max", "200"]
+    with pytest.raises(SystemExit, match="--cond"):
+        main([*args, "--out", str(tmp_path / "a.npy")])
+    assert main([*args, "--cond", str(cond), "--out", str(tmp_path / "b.npy")]) == 0
+    assert np.load(tmp_path / "b.npy").shape == (1, 16, 3, 4, 6)
+    np.save(cond, io["cond"][:1, :, :2])  # 2 latent frames where the latents have 3
+    capsys.readouterr()
+    assert main([*args, "--cond", str(cond), "--out", str(tmp_path / "c.npy")]) == 2
+    assert "cond must be" in capsys.readouterr().err
+    assert not (tmp_path / "c.npy").exists()

@@ -47,8 +47,8 @@ def test_rope_pairs_split_22_21_21():
 
 def test_rope_tables_match_formula():
     grid = (3, 4, 5)
-    cos, sin = layers.rope_tables(grid, 128)
-    assert cos.shape == (60, 64)
+    cos, sin = (np.asarray(t) for t in layers.rope_tables(grid, 128))
+    assert cos.shape == (60, 64) and cos.dtype == np.float32
     f, h, w = 2, 3, 1
     ell = (f * 4 + h) * 5 + w
     expect = np.concatenate([
@@ -64,7 +64,8 @@ def test_apply_rope_rotates_interleaved_pairs():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(1, 6, 2, 12)).astype(np.float32)
     cos, sin = layers.rope_tables((1, 2, 3), 12)
-    out = np.asarray(layers.apply_rope(jnp.asarray(x), jnp.asarray(cos), jnp.asarray(sin)))
+    out = np.asarray(layers.apply_rope(jnp.asarray(x), cos, sin))
+    cos, sin = np.asarray(cos), np.asarray(sin)
     xr, xi = x[..., 0::2], x[..., 1::2]
     c, s = cos[None, :, None], sin[None, :, None]
     np.testing.assert_allclose(out[..., 0::2], xr * c - xi * s, atol=1e-6)
@@ -87,22 +88,22 @@ def test_layer_norm_affine_and_plain():
     np.testing.assert_allclose(np.asarray(layers.layer_norm(jnp.asarray(x), 1e-6, w, b)), ref * w + b, atol=1e-5)
 
 
-@pytest.mark.parametrize("round_before_weight", [False, True])
-def test_rms_norm_rounding(round_before_weight):
+@pytest.mark.parametrize("stock", [False, True])
+def test_rms_norm_rounding(stock):
+    """TurboDiffusion: bf16(norm(x) * w), one rounding. Stock Wan: bf16(norm(x)) * w, kept fp32."""
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(3, 64)).astype(np.float32)
+    bf16 = ml_dtypes.bfloat16
+    x = rng.normal(size=(3, 64)).astype(bf16).astype(np.float32)
     w = (1 + 0.3 * rng.normal(size=64)).astype(np.float32)
     normed = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
-    bf16 = ml_dtypes.bfloat16
-    if round_before_weight:
-        ref = (normed.astype(bf16).astype(np.float32) * w).astype(bf16)
+    if stock:
+        ref = normed.astype(bf16).astype(np.float32) * w
+        out = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-6, jnp.float32, jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6)
     else:
         ref = (normed * w).astype(bf16)
-    out = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-6, jnp.bfloat16, round_before_weight)
-    x_bf = x.astype(bf16).astype(np.float32)  # the input the function actually sees
-    normed = x_bf / np.sqrt((x_bf.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
-    ref = ((normed.astype(bf16).astype(np.float32) if round_before_weight else normed) * w).astype(bf16)
-    np.testing.assert_array_equal(np.asarray(out).astype(np.float32), ref.astype(np.float32))
+        out = layers.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-6, jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(out).astype(np.float32), ref.astype(np.float32))
 
 
 def test_linear_rounds_once_after_bias():

@@ -432,3 +432,12 @@ def test_pth_streams(tmp_path):
     with zipfile.ZipFile(path, "a") as zf, zf.open("archive/data/0", "w", force_zip64=True) as record:
         record.writelines(_big_payload_chunks())
     _assert_streams(load_pth, path, "w")
+
+
+def test_pth_compressed_data_pkl_is_refused(tmp_path):
+    path = tmp_path / "zipbomb.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00." + b"\x00" * 10_000, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("archive/byteorder", b"little")
+    with pytest.raises(CheckpointError, match="compressed"):
+        load_pth(path)

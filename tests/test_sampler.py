@@ -117,6 +117,8 @@ def test_seeds_and_no_recompile(tiny_sampler):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
     assert not np.allclose(np.asarray(a), np.asarray(d))
+    e = sampler(ctx, seed=np.int64(3), latent_shape=shape)  # numpy integers are seeds too
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
     assert sampler._from_key._cache_size() == 1  # new seeds and prompts reuse the compiled program
     assert np.isfinite(np.asarray(a)).all() and a.shape == shape
 

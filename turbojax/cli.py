@@ -1,4 +1,4 @@
-"""The `turbojax` command line: `turbojax generate` (rCM sampling of latents) and `turbojax bench`."""
+"""The `turbojax` command line: `turbojax generate` (rCM sampling of latents)."""
 
 from __future__ import annotations
 
@@ -55,22 +55,23 @@ def generate(args: argparse.Namespace) -> int:
         cond = None
         print(SMOKE_NOTE)
     else:
-        dit = turbojax.load_dit(args.checkpoint, attention=args.attention)
-        low = turbojax.load_dit(args.low_checkpoint, attention=args.attention) if args.low_checkpoint else None
-        cfg = dit.cfg
+        # Everything that can be checked is checked before the (possibly 2 x 28 GB) load.
         if args.context is None:
             raise SystemExit("turbojax generate: --context EMB.npy (umT5 embeddings [B, 512, 4096]) is needed with a "
                              "checkpoint until the text encoder lands")
-        context = _load_array(args.context, "--context")
-        cond = _load_array(args.cond, "--cond") if args.cond else None
-        if cfg.cond_dim and cond is None:
-            raise SystemExit(f"turbojax generate: this is an I2V model; pass --cond COND.npy [B, {cfg.cond_dim}, T, H, W]")
         if (args.frames - 1) % 4:
             raise SystemExit(f"turbojax generate: --frames must be 4k+1 (e.g. 81), got {args.frames}")
         if args.height % 16 or args.width % 16:
             raise SystemExit(f"turbojax generate: --height and --width must be multiples of 16, got "
                              f"{args.height}x{args.width}")
+        context = _load_array(args.context, "--context")
+        cond = _load_array(args.cond, "--cond") if args.cond else None
+        cfg = turbojax.checkpoint.config_from_meta(turbojax.checkpoint.read_meta(args.checkpoint))
+        if cfg.cond_dim and cond is None:
+            raise SystemExit(f"turbojax generate: this is an I2V model; pass --cond COND.npy [B, {cfg.cond_dim}, T, H, W]")
         latent_shape = (context.shape[0], cfg.out_dim, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8)
+        dit = turbojax.load_dit(args.checkpoint, attention=args.attention)
+        low = turbojax.load_dit(args.low_checkpoint, attention=args.attention) if args.low_checkpoint else None
     t_load = time.perf_counter()
 
     sampler = turbojax.RCMSampler(dit, low, schedule=schedule)
@@ -108,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(func=generate)
 
     args = parser.parse_args(argv)
+    from turbojax.checkpoint import CheckpointFormatError
+
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, CheckpointFormatError, OSError) as e:
         print(f"turbojax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

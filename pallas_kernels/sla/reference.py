@@ -20,6 +20,11 @@ import jax.numpy as jnp
 f32 = jnp.float32
 
 
+def _precision(dtype):
+    """fp32 inputs get true fp32 products (XLA's GPU default for fp32 is TF32); bf16 inputs the default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
+
+
 def num_selected_blocks(topk: float, num_k_blocks: int) -> int:
     """k = min(Nk, int(topk * Nk)) like the reference (int truncates), but at least 1: with k = 0 the reference's
     sparse softmax would be over an empty set; keeping one block is the only output that is still an average of v."""
@@ -56,7 +61,8 @@ def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k:
     k_mean = jnp.mean(kh.astype(f32), axis=2, keepdims=True).astype(kh.dtype)
     pooled_q = _block_means(qh, block_q)
     pooled_k = _block_means(kh - k_mean, block_k)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k, preferred_element_type=f32).astype(q.dtype)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k, preferred_element_type=f32,
+                        precision=_precision(q.dtype)).astype(q.dtype)
     n_sel = num_selected_blocks(topk, pooled_k.shape[2])
     # Ascending block order (the set is what matters): kernels then walk K/V front to back.
     return jnp.sort(jax.lax.top_k(scores.astype(f32), n_sel)[1].astype(jnp.int32), axis=-1)
@@ -75,6 +81,7 @@ def sparse_attention(
     nq, nk = qb.shape[2], kb.shape[2]
     key_valid = (jnp.arange(nk * block_k) < l).reshape(nk, block_k)
     scale = 1.0 / math.sqrt(d)
+    prec = _precision(q.dtype)
 
     def one_head(q_blocks, k_blocks, v_blocks, lut_h):
         """q_blocks [Nq, bq, D], k/v_blocks [Nk, bk, D], lut_h [Nq, k] -> [Nq, bq, D]."""
@@ -83,11 +90,11 @@ def sparse_attention(
             qi, sel = args
             ks = k_blocks[sel].reshape(-1, d)  # [k * bk, D]
             vs = v_blocks[sel].reshape(-1, d)
-            s = jnp.einsum("qd,kd->qk", qi, ks, preferred_element_type=f32) * scale
+            s = jnp.einsum("qd,kd->qk", qi, ks, preferred_element_type=f32, precision=prec) * scale
             s = jnp.where(key_valid[sel].reshape(1, -1), s, -jnp.inf)
             m = jnp.max(s, axis=-1, keepdims=True)
             p = jnp.exp(s - m)
-            o = jnp.einsum("qk,kd->qd", p.astype(v.dtype), vs, preferred_element_type=f32)
+            o = jnp.einsum("qk,kd->qd", p.astype(v.dtype), vs, preferred_element_type=f32, precision=prec)
             return (o / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
 
         return jax.lax.map(one_q_block, (q_blocks, lut_h), batch_size=q_chunk)
@@ -104,9 +111,10 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     dt = q.dtype
     phi_q = jax.nn.softmax(q.astype(f32), axis=-1).astype(dt)
     phi_k = jax.nn.softmax(k.astype(f32), axis=-1).astype(dt)
-    kv = jnp.einsum("blhd,blhe->bhde", phi_k, v, preferred_element_type=f32).astype(dt)
+    prec = _precision(dt)
+    kv = jnp.einsum("blhd,blhe->bhde", phi_k, v, preferred_element_type=f32, precision=prec).astype(dt)
     k_sum = jnp.sum(phi_k.astype(f32), axis=1).astype(dt)  # [B, H, D]
-    num = jnp.einsum("blhd,bhde->blhe", phi_q, kv, preferred_element_type=f32).astype(dt)
+    num = jnp.einsum("blhd,bhde->blhe", phi_q, kv, preferred_element_type=f32, precision=prec).astype(dt)
     den = jnp.sum((phi_q * k_sum[:, None]).astype(f32), axis=-1, keepdims=True).astype(dt)
     return (num / (den + jnp.asarray(1e-5, dt))).astype(dt)
 
@@ -118,7 +126,8 @@ def add_linear_branch(
     if proj_w is None:
         return o_sparse
     o_lin = linear_attention(q, k, v)
-    o_lin = jax.lax.dot_general(o_lin, proj_w.astype(q.dtype), (((3,), (1,)), ((), ())), preferred_element_type=f32)
+    o_lin = jax.lax.dot_general(o_lin, proj_w.astype(q.dtype), (((3,), (1,)), ((), ())), preferred_element_type=f32,
+                                precision=_precision(q.dtype))
     if proj_b is not None:
         o_lin = o_lin + proj_b.astype(f32)
     return (o_sparse + o_lin.astype(q.dtype)).astype(q.dtype)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import sla
+from turbojax.models.layers import precision
 
 KINDS = ("dense", "sla")
 DENSE_IMPLEMENTATIONS = ("cudnn", "xla")
@@ -72,11 +73,13 @@ def dense_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, q_chunk: int = 2048) 
     Queries go q_chunk at a time so the fp32 logits stay bounded ([B, N, q_chunk, Lk]) at 75k-token sequences."""
     b, lq, n, d = q.shape
     scale = 1.0 / math.sqrt(d)
+    prec = precision(q.dtype)
 
     def chunk(qc):
-        s = jnp.einsum("bqnd,bknd->bnqk", qc, k, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bqnd,bknd->bnqk", qc, k, preferred_element_type=jnp.float32, precision=prec) * scale
         p = jax.nn.softmax(s, axis=-1)
-        return jnp.einsum("bnqk,bknd->bqnd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+        o = jnp.einsum("bnqk,bknd->bqnd", p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+        return o.astype(q.dtype)
 
     if lq <= q_chunk:
         return chunk(q)

@@ -47,6 +47,12 @@ class WanConfig:
         return self.in_dim * pt * ph * pw
 
     @property
+    def head_out_dim(self) -> int:
+        """Output features of one patch token: out_dim * kt * kh * kw (64 for every Wan model)."""
+        pt, ph, pw = self.patch_size
+        return self.out_dim * pt * ph * pw
+
+    @property
     def cond_dim(self) -> int:
         """Channels of the I2V condition concatenated after the 16 noise channels (0 for T2V)."""
         return self.in_dim - self.out_dim
@@ -74,7 +80,6 @@ def get_preset(name: str) -> WanConfig:
 def param_count(cfg: WanConfig) -> int:
     """Number of parameters of the DiT, including proj_l when cfg.sla_proj (wan-model.md 1.1)."""
     d, f = cfg.dim, cfg.ffn_dim
-    out = cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
     linear = lambda n_in, n_out: n_in * n_out + n_out
     embeddings = (
         linear(cfg.patch_dim, d)
@@ -82,7 +87,7 @@ def param_count(cfg: WanConfig) -> int:
         + linear(cfg.freq_dim, d) + linear(d, d)
         + linear(d, 6 * d)
     )
-    head = 2 * d + linear(d, out)
+    head = 2 * d + linear(d, cfg.head_out_dim)
     block = (
         6 * d  # modulation
         + 8 * linear(d, d)  # self/cross q, k, v, o

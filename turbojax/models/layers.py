@@ -6,8 +6,6 @@ the layout the int8 wgmma path needs, so checkpoints convert without transposes.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +13,18 @@ import numpy as np
 f32 = jnp.float32
 
 
+def precision(dtype) -> jax.lax.Precision | None:
+    """HIGHEST for fp32 operands: XLA's default on GPUs computes fp32 products in TF32 (10-bit mantissa), which is
+    not the fp32 the spec keeps the time embedding and head in. None (the default) for bf16/fp16."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out_dtype) -> jax.Array:
     """y[..., N] = x[..., K] @ w[N, K]^T + b[N], accumulated in fp32 with the bias added before the single rounding
     (what a cuBLAS bias epilogue does). Operands are taken in w's dtype."""
     y = jax.lax.dot_general(
-        x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=f32
+        x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=f32,
+        precision=precision(w.dtype),
     )
     if b is not None:
         y = y + b.astype(f32)
@@ -39,16 +44,15 @@ def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: 
     return y
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, out_dtype, round_before_weight: bool) -> jax.Array:
-    """RMSNorm over the last axis, statistic in fp32.
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, out_dtype, round_before_weight=None) -> jax.Array:
+    """RMSNorm over the last axis, statistic and weight multiply in fp32, result in out_dtype.
 
-    round_before_weight=False is TurboDiffusion's FastRMSNorm (weight multiply in fp32, one rounding);
-    True is stock Wan's WanRMSNorm, which rounds the normalised value to out_dtype before the weight multiply.
-    """
+    round_before_weight=None is TurboDiffusion's FastRMSNorm (one rounding, at the end); a dtype is stock Wan's
+    WanRMSNorm, which rounds the normalised value to that dtype before the weight multiply."""
     x32 = x.astype(f32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    if round_before_weight:
-        y = y.astype(out_dtype).astype(f32)
+    if round_before_weight is not None:
+        y = y.astype(round_before_weight).astype(f32)
     return (y * weight.astype(f32)).astype(out_dtype)
 
 
@@ -80,21 +84,21 @@ def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
     return c - 2 * (c // 3), c // 3, c // 3
 
 
-@functools.lru_cache(maxsize=16)
-def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
     """cos and sin tables [L, head_dim/2] (fp32) for the token grid (F, H', W') in row-major (f, h, w) order.
 
-    Angles are computed in float64 like stock Wan's table; the pair j of axis a with n_a pairs rotates by
-    pos_a * theta^(-2 i / (2 n_a)), i = j's index within the axis."""
-    angles = []
-    for axis, (n_pos, n_pairs) in enumerate(zip(grid, rope_axis_pairs(head_dim))):
-        freqs = np.power(theta, -np.arange(n_pairs, dtype=np.float64) * 2.0 / (2 * n_pairs))
-        ang = np.arange(n_pos, dtype=np.float64)[:, None] * freqs[None, :]
-        shape = [1, 1, 1, n_pairs]
-        shape[axis] = n_pos
-        angles.append(np.broadcast_to(ang.reshape(shape), (*grid, n_pairs)))
-    ang = np.concatenate(angles, axis=-1).reshape(-1, head_dim // 2)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    Angles are computed in float64 like stock Wan's table, inside the program (iota arithmetic, not an embedded
+    constant of L x 64 entries); pair j of an axis with n pairs rotates by pos * theta^(-2 j / (2 n))."""
+    parts = []
+    with jax.enable_x64(True):
+        for axis, (n_pos, n_pairs) in enumerate(zip(grid, rope_axis_pairs(head_dim))):
+            freqs = jnp.power(theta, -jnp.arange(n_pairs, dtype=jnp.float64) * 2.0 / (2 * n_pairs))
+            ang = jnp.arange(n_pos, dtype=jnp.float64)[:, None] * freqs[None, :]
+            shape = [1, 1, 1, n_pairs]
+            shape[axis] = n_pos
+            parts.append(jnp.broadcast_to(ang.reshape(shape), (*grid, n_pairs)))
+        ang = jnp.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
+        return jnp.cos(ang).astype(f32), jnp.sin(ang).astype(f32)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

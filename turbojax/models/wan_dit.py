@@ -87,9 +87,8 @@ class WanBlock(nnx.Module):
 
 class Head(nnx.Module):
     def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-        n_out = cfg.out_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
         self.modulation = nnx.Param(_normal(rngs, (1, 2, cfg.dim), cfg.dim**-0.5, f32))
-        self.linear = Linear(cfg.dim, n_out, dtype=f32, rngs=rngs)
+        self.linear = Linear(cfg.dim, cfg.head_out_dim, dtype=f32, rngs=rngs)
 
 
 class WanDiT(nnx.Module):
@@ -129,6 +128,7 @@ class WanDiT(nnx.Module):
     def __call__(self, latents, timestep, context, cond=None):
         cfg = self.cfg
         if cond is not None:
+            _check_cond(cfg, latents, cond)
             latents = jnp.concatenate([latents, cond.astype(latents.dtype)], axis=1)
         _check_inputs(cfg, latents, timestep, context)
         b, _, t, h, w = latents.shape
@@ -147,7 +147,7 @@ class WanDiT(nnx.Module):
         ctx = self.text_embedding.linear_1(context, self.dtype)
         ctx = self.text_embedding.linear_2(layers.gelu_tanh(ctx), self.dtype)
 
-        cos, sin = (jnp.asarray(a) for a in layers.rope_tables(grid, cfg.head_dim))
+        cos, sin = layers.rope_tables(grid, cfg.head_dim)
 
         static = dict(cfg=cfg, dtype=self.dtype, attention=self.attention)
 
@@ -169,7 +169,7 @@ class WanDiT(nnx.Module):
 
 def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype, attention: AttentionSpec):
     """One block. x [B, L, D] residual; e0 [B, 6, D] fp32; ctx [B, Lc, D]; cos/sin [L, head_dim/2]."""
-    dt = dtype
+    dt = dtype  # matmul/activation dtype
     b, l, _ = x.shape
     n, hd = cfg.num_heads, cfg.head_dim
     m = blk.modulation[...] + e0  # [B, 6, D] fp32: shift/scale/gate for attention, then for the FFN
@@ -183,7 +183,7 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype,
     q = _rms(sa.q(hmod, dt), sa.norm_q, cfg, dt).reshape(b, l, n, hd)
     k = _rms(sa.k(hmod, dt), sa.norm_k, cfg, dt).reshape(b, l, n, hd)
     v = sa.v(hmod, dt).reshape(b, l, n, hd)
-    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    q, k = (layers.apply_rope(t, cos, sin).astype(dt) for t in (q, k))
     proj_w = sa.proj_l.weight[...] if sa.proj_l is not None else None
     proj_b = sa.proj_l.bias[...] if sa.proj_l is not None else None
     a = self_attention(q, k, v, attention, proj_w, proj_b)
@@ -192,8 +192,8 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype,
     # cross-attention: no modulation, no gate, no RoPE, no mask
     ca = blk.cross_attn
     hc = layers.layer_norm(x, cfg.eps, blk.norm3.weight[...], blk.norm3.bias[...]).astype(dt)
-    qc = _rms(ca.q(hc, dt), ca.norm_q, cfg, dt).reshape(b, l, n, hd)
-    kc = _rms(ca.k(ctx, dt), ca.norm_k, cfg, dt).reshape(b, -1, n, hd)
+    qc = _rms(ca.q(hc, dt), ca.norm_q, cfg, dt).astype(dt).reshape(b, l, n, hd)
+    kc = _rms(ca.k(ctx, dt), ca.norm_k, cfg, dt).astype(dt).reshape(b, -1, n, hd)
     vc = ca.v(ctx, dt).reshape(b, -1, n, hd)
     ac = dense(qc, kc, vc)
     x = (x + ca.o(ac.reshape(b, l, cfg.dim), dt).astype(x.dtype)).astype(x.dtype)
@@ -205,7 +205,23 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype,
 
 
 def _rms(x, scale: Scale, cfg: WanConfig, dtype):
-    return layers.rms_norm(x, scale.weight[...], cfg.eps, dtype, round_before_weight=cfg.family == "wan")
+    """q/k RMSNorm over the full width. TurboDiffusion's fused norm rounds once to dtype; stock WanRMSNorm rounds
+    the normalised value to dtype and multiplies by its fp32 weight, so its result stays fp32 (through RoPE,
+    until the attention casts it)."""
+    if cfg.family == "wan":
+        return layers.rms_norm(x, scale.weight[...], cfg.eps, f32, round_before_weight=dtype)
+    return layers.rms_norm(x, scale.weight[...], cfg.eps, dtype, round_before_weight=None)
+
+
+def _check_cond(cfg: WanConfig, latents, cond):
+    if not cfg.cond_dim:
+        raise ValueError(f"this model takes no condition (in_dim {cfg.in_dim} = out_dim); pass cond=None")
+    if latents.ndim != 5 or cond.ndim != 5:
+        raise ValueError(f"latents and cond must be [B, C, T, H, W], got {latents.shape} and {cond.shape}")
+    want = (latents.shape[0], cfg.in_dim - latents.shape[1], *latents.shape[2:])
+    if tuple(cond.shape) != want:
+        raise ValueError(f"cond must be [B, {cfg.in_dim} - {latents.shape[1]}, T, H, W] = {want} to go with latents "
+                         f"{latents.shape}, got {cond.shape}")
 
 
 def _check_inputs(cfg: WanConfig, latents, timestep, context):
