@@ -115,3 +115,27 @@ def test_mosaic_sparse_branch_matches_reference(l, h, bk, topk):
                                      block_q=128, block_k=bk)
     assert _rel(out, ref) < 1e-2
     assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_epilogue_matches_reference(dtype, tol, with_bias):
+    """o_sparse + proj_l(linear branch) in one pass equals the reference's separate XLA ops (ragged L)."""
+    q, k, v = _inputs(13, 2, 150, 3, 64, dtype)
+    o_sparse = _inputs(14, 2, 150, 3, 64, dtype)[0]
+    w = (0.1 * jax.random.normal(jax.random.key(1), (64, 64))).astype(dtype)
+    bias = (0.1 * jax.random.normal(jax.random.key(2), (64,))).astype(dtype) if with_bias else None
+    kv, k_sum = reference.linear_state(k, v)
+    out = triton.linear_epilogue(q, o_sparse, kv, k_sum, w, bias, interpret=not ON_GPU)
+    ref = reference.add_linear_branch(o_sparse, q, k, v, w, bias)
+    assert out.dtype == dtype and _rel(out, ref) < tol
+
+
+@pytest.mark.gpu
+def test_mosaic_full_sla_matches_reference():
+    q, k, v = _inputs(21, 1, 32760, 2, 128)
+    w = (0.05 * jax.random.normal(jax.random.key(3), (128, 128))).astype(jnp.bfloat16)
+    bias = jnp.full((128,), 0.01, jnp.bfloat16)
+    out = sla.sla_attention(q, k, v, topk=0.1, proj_w=w, proj_b=bias, implementation="mosaic")
+    ref = reference.sla_attention(q, k, v, topk=0.1, block_q=128, block_k=64, proj_w=w, proj_b=bias)
+    assert _rel(out, ref) < 1e-2

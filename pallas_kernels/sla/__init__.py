@@ -1,7 +1,8 @@
 """SLA sparse-linear attention: the pure-jnp reference (the semantics), the Pallas kernels, and the dispatcher.
 
-Every implementation shares the block map (mean-pool + top-k, XLA) and the linear branch (XLA einsums over a
-d x d state per head); they differ in the sparse branch, which is where the time goes.
+Every implementation shares the block map (mean-pool + top-k) and the linear branch's per-head d x d state, both in
+XLA. The kernels replace the sparse branch (where the time goes) and fuse the linear branch's output, proj_l and
+the final sum into one pass (`triton.linear_epilogue`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ def sla_attention(
                              f"({block_q}, {block_k})")
         o_sparse = mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
     else:
-        o_sparse = sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
-    return reference.add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)
+        return reference.add_linear_branch(sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k),
+                                           q, k, v, proj_w, proj_b)
+    if proj_w is None:
+        return o_sparse
+    kv, k_sum = reference.linear_state(k, v)
+    return triton.linear_epilogue(q, o_sparse, kv, k_sum, proj_w, proj_b, interpret=interpret)
 
 
 __all__ = [

@@ -3,8 +3,9 @@
     python -m pallas_kernels.sla.bench            # the table of the SLA issue
     python -m pallas_kernels.sla.bench --sweep    # also a launch-config sweep at H=12, L=32760
 
-Rows: cuDNN dense attention (the baseline); SLA with each sparse kernel (Pallas-Triton, Mosaic GPU) as the DiT calls
-it (block map + sparse kernel + linear branch + proj_l) and the sparse kernel alone; SLA with the pure-XLA reference.
+Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch state
++ fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU), and its parts alone; SLA
+with the pure-XLA reference.
 Times are medians of --iters calls after a warm-up. Inputs: bf16 N(0,1) q, v and keys with a shared mean.
 """
 
@@ -46,13 +47,6 @@ def inputs(h: int, l: int, seed: int = 0):
     return q, k, v, w, b
 
 
-def sla_with(kernel, q, k, v, w, b, *, topk, block_q, block_k):
-    """What the DiT runs: block map, the given sparse kernel, linear branch and proj_l."""
-    lut = sla.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
-    o = kernel(q, k, v, lut, block_q=block_q, block_k=block_k)
-    return reference.add_linear_branch(o, q, k, v, w, b)
-
-
 def rel(a, b) -> float:
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return float(jnp.abs(a - b).max() / jnp.abs(b).max())
@@ -68,20 +62,31 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[
         for topk in TOPKS:
             lut = jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q, block_k=block_k))(q, k)
             results = {}
-            for name, kernel in (("Pallas-Triton", triton.sparse_attention), ("Mosaic GPU", mosaic.sparse_attention)):
-                full = jax.jit(functools.partial(sla_with, kernel, topk=topk, block_q=block_q, block_k=block_k))
+            for name, kernel in (("triton", triton.sparse_attention), ("mosaic", mosaic.sparse_attention)):
+                full = jax.jit(functools.partial(sla.sla_attention, topk=topk, block_q=block_q, block_k=block_k,
+                                                 implementation=name))
                 sparse = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k))
                 try:
-                    ms = bench(full, q, k, v, w, b, iters=iters)
+                    ms = bench(lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b), q, k, v, w, b, iters=iters)
                 except Exception as e:  # report a kernel that fails to build here, keep the other rows
                     print(f"{name} failed at H={h} L={l}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                results[name] = full(q, k, v, w, b)
-                rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, {name} ({block_q},{block_k})", ms=ms,
-                                 vs_cudnn=dense_ms / ms))
+                results[name] = full(q, k, v, proj_w=w, proj_b=b)
+                rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, {name} sparse kernel ({block_q},{block_k})",
+                                 ms=ms, vs_cudnn=dense_ms / ms))
                 rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {name} sparse kernel alone",
                                  ms=bench(sparse, q, k, v, lut, iters=iters)))
                 print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+            kv, k_sum = jax.jit(reference.linear_state)(k, v)
+            parts = {
+                "block map (XLA)": (jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q,
+                                                              block_k=block_k)), (q, k)),
+                "linear-branch state (XLA)": (jax.jit(reference.linear_state), (k, v)),
+                "linear output + proj_l + sum (Triton epilogue)": (jax.jit(triton.linear_epilogue),
+                                                                   (q, q, kv, k_sum, w, b)),
+            }
+            for part, (fn, fn_args) in parts.items():
+                rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {part}", ms=bench(fn, *fn_args, iters=iters)))
             if with_reference and h * l <= 40 * 32760:
                 ref_fn = jax.jit(lambda q, k, v, w, b, topk=topk: reference.sla_attention(
                     q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=w, proj_b=b))

@@ -6,7 +6,8 @@ One CTA per (head, 128-row query block, batch) = one row of the SLA block map, w
       ping-pongs them so one's softmax overlaps the other's matrix products;
   one memory warpgroup reads the block indices lut[b, h, i, t] and issues TMA copies of K/V block lut[t] into a
       ring of `max_concurrent_steps` shared-memory slots, refilling a slot once both compute warpgroups consumed it.
-Ragged lengths: TMA zero-fills reads past L and drops writes past L; keys past L get -inf logits.
+Ragged lengths: TMA zero-fills reads past L and drops writes past L; keys past L get -inf logits (in the last
+step only: the LUT is ascending).
 Tuning lives in MosaicConfig. Needs sm90 (wgmma, TMA); it cannot run in the CPU interpreter (see tests).
 """
 
@@ -27,20 +28,23 @@ WG_ROWS = 64  # query rows per compute warpgroup (the wgmma M)
 COMPUTE_WGS = 2
 
 
+SMEM_BYTES = 227 * 1024  # sm90's per-block shared-memory limit
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    max_concurrent_steps: int = 3  # K/V ring depth (shared-memory slots)
+    max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
 
 
 def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
-    """Hopper, bf16/fp16, head_dim a multiple of 64 up to 128; one CTA per 128-row query block; key blocks of 64
-    or 128 rows."""
+    """Hopper, bf16/fp16, head_dim 64 or 128, L a multiple of 8 (TMA tiling of the token axis); one CTA per
+    128-row query block; key blocks of 64 or 128 rows."""
     try:
         is_sm90 = jax.devices()[0].compute_capability == "9.0"
     except AttributeError:
         return False
     return (is_sm90 and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
-            and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
+            and q.shape[1] % 8 == 0 and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
 
 
 def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedule,
@@ -71,11 +75,14 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
         acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
         m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        # The LUT is ascending, so only its last block can be the partial one at the sequence end: keys at or past
+        # `valid` of that block get -inf logits; every other step runs unmasked.
+        valid = seq_len - lut_row[n_sel - 1] * block_k
         col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_loaded.at[0])
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
 
-        def step(t, carry):
+        def step(t, carry, masked=False):
             acc, m, l = carry
             slot = lax.rem(t, slots)
 
@@ -86,8 +93,9 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
 
             s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
-            # Keys past the end (only in the last, partial block) must not take part in the softmax.
-            s = jnp.where(col < seq_len - lut_row[t] * block_k, s * (scale * LOG2E), -jnp.inf)
+            s = s * (scale * LOG2E)
+            if masked:
+                s = jnp.where(col < valid, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -110,7 +118,8 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
-        acc, m, l = lax.fori_loop(0, n_sel, step, (acc, m, l))
+        carry = lax.fori_loop(0, n_sel - 1, step, (acc, m, l))
+        acc, m, l = step(jnp.int32(n_sel - 1), carry, masked=True)
         pl.when(wg == 0)(take_turn)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_smem.dtype)
         plgpu.commit_smem()
@@ -155,7 +164,9 @@ def sparse_attention(
         raise ValueError(f"the Mosaic SLA kernel takes block_q={COMPUTE_WGS * WG_ROWS}, got {block_q}")
     if nq != pl.cdiv(l, block_q):
         raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
-    slots = min(config.max_concurrent_steps, n_sel)
+    itemsize = jnp.dtype(q.dtype).itemsize
+    fit = (SMEM_BYTES - COMPUTE_WGS * WG_ROWS * d * itemsize - 8192) // (2 * block_k * d * itemsize)
+    slots = min(config.max_concurrent_steps, n_sel, fit)
     tile = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(lut_ref, q_ref, k_ref, v_ref, o_ref):

@@ -25,6 +25,14 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
 
 
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated in fp32. XLA:CPU has no batched bf16 x bf16 -> fp32 dot, so on the CPU the operands go
+    up to fp32 first: products of bf16 values are exact in fp32, so the result is the same."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(f32), b.astype(f32)
+    return jnp.einsum(spec, a, b, preferred_element_type=f32, precision=_precision(a.dtype))
+
+
 def num_selected_blocks(topk: float, num_k_blocks: int) -> int:
     """k = min(Nk, int(topk * Nk)) like the reference (int truncates), but at least 1: with k = 0 the reference's
     sparse softmax would be over an empty set; keeping one block is the only output that is still an average of v."""
@@ -61,8 +69,7 @@ def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k:
     k_mean = jnp.mean(kh.astype(f32), axis=2, keepdims=True).astype(kh.dtype)
     pooled_q = _block_means(qh, block_q)
     pooled_k = _block_means(kh - k_mean, block_k)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k, preferred_element_type=f32,
-                        precision=_precision(q.dtype)).astype(q.dtype)
+    scores = _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(q.dtype)
     n_sel = num_selected_blocks(topk, pooled_k.shape[2])
     # Ascending block order (the set is what matters): kernels then walk K/V front to back.
     return jnp.sort(jax.lax.top_k(scores.astype(f32), n_sel)[1].astype(jnp.int32), axis=-1)
@@ -81,7 +88,6 @@ def sparse_attention(
     nq, nk = qb.shape[2], kb.shape[2]
     key_valid = (jnp.arange(nk * block_k) < l).reshape(nk, block_k)
     scale = 1.0 / math.sqrt(d)
-    prec = _precision(q.dtype)
 
     def one_head(q_blocks, k_blocks, v_blocks, lut_h):
         """q_blocks [Nq, bq, D], k/v_blocks [Nk, bk, D], lut_h [Nq, k] -> [Nq, bq, D]."""
@@ -90,11 +96,11 @@ def sparse_attention(
             qi, sel = args
             ks = k_blocks[sel].reshape(-1, d)  # [k * bk, D]
             vs = v_blocks[sel].reshape(-1, d)
-            s = jnp.einsum("qd,kd->qk", qi, ks, preferred_element_type=f32, precision=prec) * scale
+            s = _einsum("qd,kd->qk", qi, ks) * scale
             s = jnp.where(key_valid[sel].reshape(1, -1), s, -jnp.inf)
             m = jnp.max(s, axis=-1, keepdims=True)
             p = jnp.exp(s - m)
-            o = jnp.einsum("qk,kd->qd", p.astype(v.dtype), vs, preferred_element_type=f32, precision=prec)
+            o = _einsum("qk,kd->qd", p.astype(v.dtype), vs)
             return (o / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype)
 
         return jax.lax.map(one_q_block, (q_blocks, lut_h), batch_size=q_chunk)
@@ -104,19 +110,36 @@ def sparse_attention(
     return jnp.swapaxes(out, 1, 2)
 
 
-def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """SLA's linear branch over all tokens with the softmax feature map; q, k, v [B, L, H, D] -> [B, L, H, D].
+def linear_state(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The linear branch's per-head state over all tokens: kv = phi(k)^T v [B, H, D, D] and k_sum = sum phi(k)
+    [B, H, D], phi = softmax over D; each rounded to the inputs' dtype like the bf16 torch module (3.3)."""
+    dt = k.dtype
+    phi_k = jax.nn.softmax(k.astype(f32), axis=-1).astype(dt)
+    kv = _einsum("blhd,blhe->bhde", phi_k, v).astype(dt)
+    return kv, jnp.sum(phi_k.astype(f32), axis=1).astype(dt)
 
-    Every product rounds to the inputs' dtype like the bf16 torch module (acceleration.md 3.3)."""
+
+def linear_output(q: jax.Array, kv: jax.Array, k_sum: jax.Array) -> jax.Array:
+    """phi(q) kv / (1e-5 + phi(q) . k_sum) for q [B, L, H, D]; every product rounded to q's dtype."""
     dt = q.dtype
     phi_q = jax.nn.softmax(q.astype(f32), axis=-1).astype(dt)
-    phi_k = jax.nn.softmax(k.astype(f32), axis=-1).astype(dt)
-    prec = _precision(dt)
-    kv = jnp.einsum("blhd,blhe->bhde", phi_k, v, preferred_element_type=f32, precision=prec).astype(dt)
-    k_sum = jnp.sum(phi_k.astype(f32), axis=1).astype(dt)  # [B, H, D]
-    num = jnp.einsum("blhd,bhde->blhe", phi_q, kv, preferred_element_type=f32, precision=prec).astype(dt)
+    num = _einsum("blhd,bhde->blhe", phi_q, kv).astype(dt)
     den = jnp.sum((phi_q * k_sum[:, None]).astype(f32), axis=-1, keepdims=True).astype(dt)
     return (num / (den + jnp.asarray(1e-5, dt))).astype(dt)
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """SLA's linear branch over all tokens with the softmax feature map; q, k, v [B, L, H, D] -> [B, L, H, D]."""
+    return linear_output(q, *linear_state(k, v))
+
+
+def project(o_lin: jax.Array, proj_w: jax.Array, proj_b: jax.Array | None) -> jax.Array:
+    """proj_l: o_lin [..., D] @ proj_w[D, D]^T + proj_b, fp32 accumulation, rounded to o_lin's dtype."""
+    y = jax.lax.dot_general(o_lin, proj_w.astype(o_lin.dtype), (((o_lin.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=f32, precision=_precision(o_lin.dtype))
+    if proj_b is not None:
+        y = y + proj_b.astype(f32)
+    return y.astype(o_lin.dtype)
 
 
 def add_linear_branch(
@@ -125,12 +148,7 @@ def add_linear_branch(
     """cast(o_sparse + proj_l(linear_attention(q, k, v))); o_sparse alone when there is no proj_l."""
     if proj_w is None:
         return o_sparse
-    o_lin = linear_attention(q, k, v)
-    o_lin = jax.lax.dot_general(o_lin, proj_w.astype(q.dtype), (((3,), (1,)), ((), ())), preferred_element_type=f32,
-                                precision=_precision(q.dtype))
-    if proj_b is not None:
-        o_lin = o_lin + proj_b.astype(f32)
-    return (o_sparse + o_lin.astype(q.dtype)).astype(q.dtype)
+    return (o_sparse + project(linear_attention(q, k, v), proj_w, proj_b)).astype(q.dtype)
 
 
 def sla_attention(

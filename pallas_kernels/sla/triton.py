@@ -1,9 +1,14 @@
-"""SLA's sparse branch as a Pallas-Triton kernel: block-sparse flash attention driven by the top-k index table.
+"""SLA as Pallas-Triton kernels: the block-sparse softmax branch, and the linear branch's output fused with proj_l.
 
-One program per (query block, batch, head). It loads its query block once, then walks the k selected key blocks of
-its LUT row: a data-dependent load of each K/V block, an exp2 online softmax in fp32, and a bf16 P.V with fp32
-accumulation. Rows and keys past the sequence end are masked, so ragged lengths (32,760 = 255.9 x 128) need no
-padding copies. q, k, v stay in the DiT's [B, L, H, D] layout; each program sees its (b, h) slice as an [L, D] ref.
+`sparse_attention`: one program per (query block, batch, head). It loads its query block once, then walks the k
+selected key blocks of its LUT row: a data-dependent load of each K/V block, an exp2 online softmax in fp32, and a
+bf16 P.V with fp32 accumulation. Rows and keys past the sequence end are masked, so ragged lengths (32,760 =
+255.9 x 128) need no padding copies. q, k, v stay in the DiT's [B, L, H, D] layout; each program sees its (b, h)
+slice as an [L, D] ref.
+
+`linear_epilogue`: o = o_sparse + proj_l(phi(q) kv / (1e-5 + phi(q) . k_sum)) per (row block, batch, head), with the
+per-head state (kv, k_sum) computed beforehand. In XLA this output side is ~10 passes over [B, L, H, D] tensors
+(phi(q), two products, the division, proj_l, the sum); here it is one read of q and o_sparse and one write.
 """
 
 from __future__ import annotations
@@ -94,3 +99,50 @@ def sparse_attention(
         interpret=interpret,
         name="sla_sparse_fwd",
     )(lut, q, k, v)
+
+
+def _epilogue_kernel(q_ref, os_ref, kv_ref, ksum_ref, w_ref, b_ref, o_ref, *, seq_len, block):
+    """q/os/o_ref [L, D] of this (batch, head); kv_ref [D, D]; ksum_ref, b_ref [D]; w_ref [D, D] ([out, in])."""
+    i = pl.program_id(0)
+    rows = pl.ds(i * block, block)
+    row_ok = (i * block + jnp.arange(block) < seq_len)[:, None]
+    dt = o_ref.dtype
+    q = pltr.load(q_ref.at[rows, :], mask=row_ok, other=0.0).astype(jnp.float32)
+    e = jnp.exp(q - jnp.max(q, axis=1, keepdims=True))
+    phi = (e / jnp.sum(e, axis=1, keepdims=True)).astype(dt)
+    num = pltr.dot(phi, kv_ref[...]).astype(dt)
+    den = jnp.sum((phi * ksum_ref[...][None, :]).astype(jnp.float32), axis=1, keepdims=True).astype(dt)
+    o_lin = (num.astype(jnp.float32) / (den + jnp.asarray(1e-5, dt)).astype(jnp.float32)).astype(dt)
+    proj = (pltr.dot(o_lin, w_ref[...].T) + b_ref[...][None, :].astype(jnp.float32)).astype(dt)
+    o_sparse = pltr.load(os_ref.at[rows, :], mask=row_ok, other=0.0)
+    pltr.store(o_ref.at[rows, :], (o_sparse.astype(jnp.float32) + proj.astype(jnp.float32)).astype(dt), mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "interpret"))
+def linear_epilogue(
+    q: jax.Array, o_sparse: jax.Array, kv: jax.Array, k_sum: jax.Array, proj_w: jax.Array, proj_b: jax.Array | None,
+    *, block: int = 64, interpret: bool = False,
+) -> jax.Array:
+    """o_sparse + proj_l(linear_output(q, kv, k_sum)), rounded like `reference.add_linear_branch`.
+
+    q, o_sparse [B, L, H, D]; kv [B, H, D, D]; k_sum [B, H, D]; proj_w [D, D]; proj_b [D] or None."""
+    b, l, h, d = q.shape
+    dt = q.dtype
+    proj_b = jnp.zeros((d,), dt) if proj_b is None else proj_b.astype(dt)
+    seq = pl.BlockSpec((None, l, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, bi, hi: (0,) * len(shape))
+    return pl.pallas_call(
+        functools.partial(_epilogue_kernel, seq_len=l, block=block),
+        grid=(pl.cdiv(l, block), b, h),
+        in_specs=[
+            seq, seq,
+            pl.BlockSpec((None, None, d, d), lambda i, bi, hi: (bi, hi, 0, 0)),
+            pl.BlockSpec((None, None, d), lambda i, bi, hi: (bi, hi, 0)),
+            whole((d, d)), whole((d,)),
+        ],
+        out_specs=seq,
+        out_shape=jax.ShapeDtypeStruct(q.shape, dt),
+        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="sla_linear_epilogue",
+    )(q, o_sparse, kv.astype(dt), k_sum.astype(dt), proj_w.astype(dt), proj_b)
