@@ -93,6 +93,14 @@ def test_lut_is_ascending():
     assert (np.diff(lut, axis=-1) > 0).all()
 
 
+def test_mosaic_shape_rules():
+    q = jnp.zeros((1, 4104, 2, 128), jnp.bfloat16)
+    assert mosaic.shapes_supported(q, 128, 64) and mosaic.shapes_supported(q, 128, 128)
+    assert not mosaic.shapes_supported(q[:, :4100], 128, 64)  # TMA tiles the token axis by 8
+    assert not mosaic.shapes_supported(q, 64, 128) and not mosaic.shapes_supported(q.astype(jnp.float32), 128, 64)
+    assert not mosaic.shapes_supported(q[..., :96], 128, 64)
+
+
 def test_mosaic_is_refused_where_it_cannot_run():
     q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     if not ON_GPU:
@@ -103,7 +111,7 @@ def test_mosaic_is_refused_where_it_cannot_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("l, h, bk, topk", [(1000, 2, 64, 0.15), (32760, 2, 64, 0.1), (4100, 3, 128, 0.2)])
+@pytest.mark.parametrize("l, h, bk, topk", [(1000, 2, 64, 0.15), (32760, 2, 64, 0.1), (4104, 3, 128, 0.2)])
 def test_mosaic_sparse_branch_matches_reference(l, h, bk, topk):
     """The Hopper kernel cannot run in the CPU interpreter (8/16-bit transposed smem operands), so it is checked
     here, on the device, against the same reference."""
@@ -139,3 +147,11 @@ def test_mosaic_full_sla_matches_reference():
     out = sla.sla_attention(q, k, v, topk=0.1, proj_w=w, proj_b=bias, implementation="mosaic")
     ref = reference.sla_attention(q, k, v, topk=0.1, block_q=128, block_k=64, proj_w=w, proj_b=bias)
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_linear_state_matches_reference(dtype, tol):
+    _, k, v = _inputs(17, 2, 333, 3, 64, dtype)
+    kv, k_sum = triton.linear_state(k, v, splits=4, interpret=not ON_GPU)
+    ref_kv, ref_sum = reference.linear_state(k, v)
+    assert kv.dtype == dtype and _rel(kv, ref_kv) < tol and _rel(k_sum, ref_sum) < tol

@@ -1,8 +1,8 @@
 """SLA sparse-linear attention: the pure-jnp reference (the semantics), the Pallas kernels, and the dispatcher.
 
-Every implementation shares the block map (mean-pool + top-k) and the linear branch's per-head d x d state, both in
-XLA. The kernels replace the sparse branch (where the time goes) and fuse the linear branch's output, proj_l and
-the final sum into one pass (`triton.linear_epilogue`).
+Every implementation shares the block map (mean-pool + top-k, XLA). The kernel paths replace the sparse branch
+(where the time goes), compute the linear branch's per-head d x d state in one pass over k, v
+(`triton.linear_state`), and fuse its output, proj_l and the final sum into one more (`triton.linear_epilogue`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def sla_attention(
                                            q, k, v, proj_w, proj_b)
     if proj_w is None:
         return o_sparse
-    kv, k_sum = reference.linear_state(k, v)
+    kv, k_sum = triton.linear_state(k, v, interpret=interpret)
     return triton.linear_epilogue(q, o_sparse, kv, k_sum, proj_w, proj_b, interpret=interpret)
 
 

@@ -81,9 +81,15 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[
             parts = {
                 "block map (XLA)": (jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q,
                                                               block_k=block_k)), (q, k)),
+                "  of which top-k (XLA)": (jax.jit(lambda s, n=sla.num_selected_blocks(topk, l // block_k):
+                                                   jax.lax.top_k(s, n)),
+                                          (jax.random.normal(jax.random.key(2), (1, h, l // block_q, l // block_k)),)),
                 "linear-branch state (XLA)": (jax.jit(reference.linear_state), (k, v)),
-                "linear output + proj_l + sum (Triton epilogue)": (jax.jit(triton.linear_epilogue),
-                                                                   (q, q, kv, k_sum, w, b)),
+                "linear-branch state (Triton)": (jax.jit(triton.linear_state), (k, v)),
+                "linear output + proj_l + sum (Triton epilogue, 64 rows)": (jax.jit(triton.linear_epilogue),
+                                                                            (q, q, kv, k_sum, w, b)),
+                "linear output + proj_l + sum (Triton epilogue, 128 rows)": (
+                    jax.jit(functools.partial(triton.linear_epilogue, block=128)), (q, q, kv, k_sum, w, b)),
             }
             for part, (fn, fn_args) in parts.items():
                 rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {part}", ms=bench(fn, *fn_args, iters=iters)))

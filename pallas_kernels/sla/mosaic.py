@@ -36,15 +36,17 @@ class MosaicConfig:
     max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
 
 
+def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
+    """bf16/fp16, head_dim 64 or 128, L a multiple of 8 (TMA tiling of the token axis); one CTA per 128-row
+    query block; key blocks of 64 or 128 rows."""
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128) and q.shape[1] % 8 == 0
+            and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
+
+
 def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
-    """Hopper, bf16/fp16, head_dim 64 or 128, L a multiple of 8 (TMA tiling of the token axis); one CTA per
-    128-row query block; key blocks of 64 or 128 rows."""
-    try:
-        is_sm90 = jax.devices()[0].compute_capability == "9.0"
-    except AttributeError:
-        return False
-    return (is_sm90 and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
-            and q.shape[1] % 8 == 0 and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
+    """The shapes fit and the default device is an sm90 (Hopper) GPU."""
+    return jax.devices()[0].platform == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0" \
+        and shapes_supported(q, block_q, block_k)
 
 
 def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedule,
@@ -119,7 +121,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
             return acc, m_new, l
 
         carry = lax.fori_loop(0, n_sel - 1, step, (acc, m, l))
-        acc, m, l = step(jnp.int32(n_sel - 1), carry, masked=True)
+        acc, m, l = lax.fori_loop(n_sel - 1, n_sel, functools.partial(step, masked=True), carry)
         pl.when(wg == 0)(take_turn)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_smem.dtype)
         plgpu.commit_smem()

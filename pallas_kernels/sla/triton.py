@@ -6,6 +6,8 @@ bf16 P.V with fp32 accumulation. Rows and keys past the sequence end are masked,
 255.9 x 128) need no padding copies. q, k, v stay in the DiT's [B, L, H, D] layout; each program sees its (b, h)
 slice as an [L, D] ref.
 
+`linear_state`: the linear branch's per-head state kv = phi(k)^T v, k_sum = sum phi(k) in one pass over k and v.
+
 `linear_epilogue`: o = o_sparse + proj_l(phi(q) kv / (1e-5 + phi(q) . k_sum)) per (row block, batch, head), with the
 per-head state (kv, k_sum) computed beforehand. In XLA this output side is ~10 passes over [B, L, H, D] tensors
 (phi(q), two products, the division, proj_l, the sum); here it is one read of q and o_sparse and one write.
@@ -23,6 +25,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 LOG2E = math.log2(math.e)
+
+
+def _dot(a, b, **kw):
+    """Tensor-core dot with fp32 accumulation; fp32 operands get full fp32 (Triton's fp32 default is TF32)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return pltr.dot(a, b, precision=precision, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +54,13 @@ def _sparse_kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, *, seq_len, block_q, blo
         start = lut_ref[t] * block_k
         col_ok = start + jnp.arange(block_k) < seq_len
         k = pltr.load(k_ref.at[pl.ds(start, block_k), :], mask=col_ok[:, None], other=0.0)
-        s = pltr.dot(q, k.T) * (scale * LOG2E)
+        s = _dot(q, k.T) * (scale * LOG2E)
         s = jnp.where(col_ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         v = pltr.load(v_ref.at[pl.ds(start, block_k), :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + pltr.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     init = (
@@ -110,10 +118,10 @@ def _epilogue_kernel(q_ref, os_ref, kv_ref, ksum_ref, w_ref, b_ref, o_ref, *, se
     q = pltr.load(q_ref.at[rows, :], mask=row_ok, other=0.0).astype(jnp.float32)
     e = jnp.exp(q - jnp.max(q, axis=1, keepdims=True))
     phi = (e / jnp.sum(e, axis=1, keepdims=True)).astype(dt)
-    num = pltr.dot(phi, kv_ref[...]).astype(dt)
+    num = _dot(phi, kv_ref[...]).astype(dt)
     den = jnp.sum((phi * ksum_ref[...][None, :]).astype(jnp.float32), axis=1, keepdims=True).astype(dt)
     o_lin = (num.astype(jnp.float32) / (den + jnp.asarray(1e-5, dt)).astype(jnp.float32)).astype(dt)
-    proj = (pltr.dot(o_lin, w_ref[...].T) + b_ref[...][None, :].astype(jnp.float32)).astype(dt)
+    proj = (_dot(o_lin, w_ref[...].T) + b_ref[...][None, :].astype(jnp.float32)).astype(dt)
     o_sparse = pltr.load(os_ref.at[rows, :], mask=row_ok, other=0.0)
     pltr.store(o_ref.at[rows, :], (o_sparse.astype(jnp.float32) + proj.astype(jnp.float32)).astype(dt), mask=row_ok)
 
@@ -146,3 +154,47 @@ def linear_epilogue(
         interpret=interpret,
         name="sla_linear_epilogue",
     )(q, o_sparse, kv.astype(dt), k_sum.astype(dt), proj_w.astype(dt), proj_b)
+
+
+def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, *, seq_len, block, chunk):
+    """Partial sums over rows [s * chunk, (s + 1) * chunk) of this (batch, head): kv_ref [D, D], ksum_ref [D] fp32."""
+    start = pl.program_id(0) * chunk
+    d = k_ref.shape[-1]
+
+    def body(i, carry):
+        kv, ksum = carry
+        rows = pl.ds(start + i * block, block)
+        row_ok = (start + i * block + jnp.arange(block) < seq_len)[:, None]
+        k = pltr.load(k_ref.at[rows, :], mask=row_ok, other=0.0).astype(jnp.float32)
+        e = jnp.exp(k - jnp.max(k, axis=1, keepdims=True))
+        phi = jnp.where(row_ok, e / jnp.sum(e, axis=1, keepdims=True), 0.0).astype(v_ref.dtype)
+        v = pltr.load(v_ref.at[rows, :], mask=row_ok, other=0.0)
+        return kv + _dot(phi, v, trans_a=True), ksum + jnp.sum(phi.astype(jnp.float32), axis=0)
+
+    kv, ksum = jax.lax.fori_loop(0, chunk // block, body, (jnp.zeros((d, d), jnp.float32), jnp.zeros((d,), jnp.float32)))
+    kv_ref[...] = kv
+    ksum_ref[...] = ksum
+
+
+@functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
+def linear_state(k: jax.Array, v: jax.Array, *, block: int = 64, splits: int = 32, interpret: bool = False):
+    """`reference.linear_state` in one pass over k and v: (kv [B, H, D, D], k_sum [B, H, D]) in k's dtype.
+
+    The token axis is split `splits` ways so that B x H x splits programs fill the GPU; the fp32 partial sums are
+    added in XLA and rounded once, like the reference's fp32-accumulated product."""
+    b, l, h, d = k.shape
+    chunk = pl.cdiv(pl.cdiv(l, splits), block) * block
+    seq = pl.BlockSpec((None, l, None, d), lambda s, bi, hi: (bi, 0, hi, 0))
+    kv, ksum = pl.pallas_call(
+        functools.partial(_state_kernel, seq_len=l, block=block, chunk=chunk),
+        grid=(pl.cdiv(l, chunk), b, h),
+        in_specs=[seq, seq],
+        out_specs=[pl.BlockSpec((None, None, None, d, d), lambda s, bi, hi: (s, bi, hi, 0, 0)),
+                   pl.BlockSpec((None, None, None, d), lambda s, bi, hi: (s, bi, hi, 0))],
+        out_shape=[jax.ShapeDtypeStruct((pl.cdiv(l, chunk), b, h, d, d), jnp.float32),
+                   jax.ShapeDtypeStruct((pl.cdiv(l, chunk), b, h, d), jnp.float32)],
+        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="sla_linear_state",
+    )(k, v)
+    return kv.sum(axis=0).astype(k.dtype), ksum.sum(axis=0).astype(k.dtype)
