@@ -8,6 +8,14 @@ Per-block checkpoints keep conversion streaming: orbax copies what it saves, so 
 host memory at about two blocks (1.4 GB for 14B) instead of twice the model. Trees use the DiT's own parameter
 names and layouts (Linear weights [out, in]); a quantised Linear holds int8_weight [N, K] + scale [ceil(N/128),
 ceil(K/128)] instead of weight. Folders are written under a temporary name and renamed when complete.
+
+A converted Wan2.1 VAE is a folder with config.json {"format": "turbojax-vae/1", "component": "vae", "model":
+VAEConfig fields, "source": {...}} and the whole VAE tree in params/embeddings (no blocks; list indices as strings,
+conv weights [*kernel, in, out]).
+
+A converted umT5 text encoder (turbojax.text.load_text_encoder) has the DiT's layout with {"format":
+"turbojax-umt5/1", "component": "umt5", "model": UMT5Config fields, "tokenizer": {...} or null}: the token embedding
+and final norm in params/embeddings, one checkpoint per block, and the SentencePiece model in tokenizer/spiece.model.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ from tqdm.auto import tqdm
 
 from turbojax.models.attention import AttentionSpec, as_spec
 from turbojax.models.config import WanConfig
+from turbojax.models.vae import VAEConfig, WanVAE
 from turbojax.models.wan_dit import WanDiT
 
 FORMAT = "turbojax-dit/1"
+VAE_FORMAT = "turbojax-vae/1"
 QUANT_BLOCK = 128
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ def _save_tree(path: Path, tree: dict) -> None:
 
 
 def _restore_tree(path: Path) -> dict:
+    path = Path(path).absolute()  # orbax refuses relative paths
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path).item_metadata.tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
@@ -61,9 +72,13 @@ def write_checkpoint(
     num_blocks: int,
     overwrite: bool = False,
     progress: bool = True,
+    fmt: str = FORMAT,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Writes a converted DiT atomically: into a temporary sibling folder, renamed to out_dir at the end."""
-    out = Path(out_dir)
+    """Writes a converted model atomically: into a temporary sibling folder, renamed to out_dir at the end.
+
+    fmt is config.json's format tag; extra_files maps paths inside the folder to files copied there (a tokenizer)."""
+    out = Path(out_dir).absolute()  # orbax refuses relative paths
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and not overwrite:
@@ -75,7 +90,10 @@ def write_checkpoint(
         _save_tree(tmp / "params" / "embeddings", embeddings)
         for i, block in enumerate(tqdm(blocks, total=num_blocks, desc="writing blocks", disable=not progress)):
             _save_tree(tmp / "params" / "blocks" / f"{i:03d}", block)
-        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        for rel, src in (extra_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+        (tmp / "config.json").write_text(json.dumps({"format": fmt, **meta}, indent=2) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -89,8 +107,8 @@ def write_checkpoint(
     return out
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """The config.json of a converted DiT folder, checked for the format tag."""
+def read_meta(path: str | os.PathLike, expected_format: str | None = FORMAT) -> dict:
+    """The config.json of a converted folder, checked for the format tag (None: any turbojax format)."""
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise CheckpointFormatError(
@@ -98,8 +116,11 @@ def read_meta(path: str | os.PathLike) -> dict:
             "with `turbojax-convert SRC --out DIR`"
         )
     meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointFormatError(f"{cfg_path} has format {meta.get('format')!r}; this turbojax reads {FORMAT!r}")
+    found = meta.get("format")
+    if expected_format is None and not str(found).startswith("turbojax-"):
+        raise CheckpointFormatError(f"{cfg_path} has format {found!r}, not a turbojax checkpoint format")
+    if expected_format is not None and found != expected_format:
+        raise CheckpointFormatError(f"{cfg_path} has format {found!r}; this loader reads {expected_format!r}")
     return meta
 
 
@@ -158,14 +179,24 @@ def load_dit(
     abstract = nnx.eval_shape(
         lambda: WanDiT(cfg, dtype=dtype, residual_dtype=residual_dtype, attention=spec, rngs=nnx.Rngs(0))
     )
-    graphdef, abs_state = nnx.split(abstract)
-    targets = {path_: leaf for path_, leaf in nnx.to_flat_state(abs_state)}
-    quantised = meta.get("quantization") is not None
-    if quantised:
+    if meta.get("quantization") is not None:
         warnings.warn(
             f"{path} holds W8A8 int8 weights; they are dequantised to {jnp.dtype(dtype).name} at load until the "
             "Pallas int8 GEMM is available"
         )
+    return restore_module(path, abstract, cfg.num_layers, transform=_dequantize_tree, progress=progress)
+
+
+def restore_module(path: Path, abstract: nnx.Module, num_blocks: int, *, transform=None, progress: bool = True):
+    """The module of a converted folder, its parameters on the default device, from an abstract (eval_shape) module.
+
+    params/embeddings holds everything outside `blocks`; params/blocks/NNN block NNN, stacked here on the host into
+    the module's leading layer axis (one host copy of the stacked blocks, then one transfer each). transform maps
+    each restored tree first (dequantise, quantise). Values are cast to the module's dtypes; every name and shape
+    must match."""
+    transform = transform or (lambda tree: tree)
+    graphdef, abs_state = nnx.split(abstract)
+    targets = {path_: leaf for path_, leaf in nnx.to_flat_state(abs_state)}
 
     def put(key: tuple, value: np.ndarray):
         if key not in targets:
@@ -178,17 +209,17 @@ def load_dit(
         return jax.device_put(np.asarray(value).astype(target.dtype))
 
     values = {}
-    embeddings = _dequantize_tree(_restore_tree(path / "params" / "embeddings"))
+    embeddings = transform(_restore_tree(path / "params" / "embeddings"))
     for key, value in _flatten(embeddings).items():
         values[key] = put(key, value)
 
     block_dir = path / "params" / "blocks"
     stacked: dict[tuple, np.ndarray] = {}
-    for i in tqdm(range(cfg.num_layers), desc="loading blocks", disable=not progress):
+    for i in tqdm(range(num_blocks), desc="loading blocks", disable=not progress):
         block_path = block_dir / f"{i:03d}"
         if not block_path.exists():
             raise CheckpointFormatError(f"{path}: block {i} is missing ({block_path}); re-run the conversion")
-        for key, value in _flatten(_dequantize_tree(_restore_tree(block_path))).items():
+        for key, value in _flatten(transform(_restore_tree(block_path))).items():
             full = ("blocks", *key)
             if full not in targets:
                 raise CheckpointFormatError(f"{path}: unexpected parameter blocks.{i}.{'.'.join(key)}")
@@ -208,3 +239,23 @@ def load_dit(
         raise CheckpointFormatError(f"{path}: missing parameters: {', '.join(missing)}")
     state = nnx.from_flat_state([(k, targets[k].replace(values[k])) for k in targets])
     return nnx.merge(graphdef, state)
+
+
+def load_vae(path: str | os.PathLike, *, dtype=jnp.bfloat16, conv: str = "fold") -> WanVAE:
+    """Loads a converted Wan2.1 VAE folder as a WanVAE on the default device.
+
+    dtype is the weight and activation dtype (bf16 as TurboDiffusion runs the VAE, fp32 for parity checks); the RMS
+    gains stay fp32. conv picks the convolution path (models/vae.py)."""
+    path = Path(path)
+    model = read_meta(path, VAE_FORMAT)["model"]
+    cfg = VAEConfig(**{**model, "dim_mult": tuple(model["dim_mult"]),
+                       "temporal_downsample": tuple(model["temporal_downsample"])})
+    abstract = nnx.eval_shape(lambda: WanVAE(cfg, dtype=dtype, conv=conv, rngs=nnx.Rngs(0)))
+    return restore_module(path, abstract, 0, transform=_list_indices, progress=False)
+
+
+def _list_indices(tree):
+    """Saved trees spell nnx.List indices as strings ("down" -> "3"); the module's paths use ints."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _list_indices(v) for k, v in tree.items()}
