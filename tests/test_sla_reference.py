@@ -1,6 +1,11 @@
-"""The pure-jnp SLA reference against a direct NumPy transcription of acceleration.md 3 (fp32, so no bf16 ties)."""
+"""The pure-jnp SLA reference against direct NumPy transcriptions of acceleration.md 3: in fp32 (no bf16 ties), and
+in bf16 with every rounding the torch module makes (second half of this file)."""
 
+import math
+
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -112,3 +117,199 @@ def test_unknown_implementation():
     q = jnp.zeros((1, 8, 1, 4))
     with pytest.raises(ValueError, match="implementation"):
         sla.sla_attention(q, q, q, topk=0.5, block_q=4, block_k=4, implementation="cuda")
+
+
+# ---- bf16 -----------------------------------------------------------------------------------------------------
+# acceleration.md 3 with the rounding points of the torch module TurboDiffusion runs (turbodiffusion/SLA/core.py,
+# utils.get_block_map, the Triton sparse kernel) on bf16 q, k, v. Each torch op on bf16 tensors computes in fp32 and
+# rounds its result once to bf16; matmuls and sums accumulate in fp32. `_bf` is that rounding (ml_dtypes, RNE).
+#
+# Tolerance: the reference reproduces every bf16 value of the transcription exactly, run op by op. The assertion
+# allows 1 ulp on 0.1% of the elements (`assert_bf16_match`), room for fp32 summation-order ties between NumPy's
+# BLAS and XLA. Each wrong rounding tried below moves 13-84% of the elements, 130x and more over that allowance.
+
+BF16 = ml_dtypes.bfloat16
+F32 = np.float32
+
+
+def _bf(x) -> np.ndarray:
+    """Round to bf16 (round to nearest even), kept as fp32."""
+    return np.asarray(x, F32).astype(BF16).astype(F32)
+
+
+def _ulps(a, b) -> np.ndarray:
+    """Distance in bf16 ulps (both rounded to bf16 first)."""
+    def ordered(x):
+        i = np.asarray(x, F32).astype(BF16).view(np.int16).astype(np.int32)
+        return np.where(i < 0, -32768 - i, i)  # sign-magnitude -> monotone integers (+0 and -0 both 0)
+    return np.abs(ordered(a) - ordered(b))
+
+
+def assert_bf16_match(got, want, what=""):
+    u = _ulps(got, want)
+    frac = float((u > 0).mean())
+    assert u.max() <= 1 and frac <= 1e-3, f"{what}: {frac:.2%} of elements differ, by up to {u.max()} bf16 ulp"
+
+
+def _mm(a, b) -> np.ndarray:
+    """fp32 matmul (products of bf16 values are exact in fp32; fp32 accumulation)."""
+    return np.matmul(np.asarray(a, F32), np.asarray(b, F32))
+
+
+def _softmax(x) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True, dtype=F32)
+
+
+def _bf16_qkv(seed, **kw):
+    """bf16-valued q, k, v (as fp32 arrays), L = 100 so both block sizes leave a partial last block."""
+    return tuple(_bf(x) for x in _qkv(np.random.default_rng(seed), **kw))
+
+
+def np_bf16_block_scores(q, k, bq, bk, rounded=True):
+    """get_block_map's pooled scores [B, H, Nq, Nk] on bf16 q, k [B, L, H, D] (3.1):
+    k_mean = bf16(fp32 sum / L); kc = bf16(k - k_mean); pooled = bf16(fp32 block sum / real row count);
+    scores = bf16(pooled_q pooled_k^T), fp32 accumulation. rounded=False keeps every intermediate in fp32 (a wrong
+    reading, used to show the test can tell)."""
+    rnd = _bf if rounded else (lambda x: np.asarray(x, F32))
+    qh, kh = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+    l = q.shape[1]
+    kc = rnd(kh - rnd(kh.sum(axis=2, keepdims=True, dtype=F32) / F32(l)))
+
+    def pool(x, blk):
+        return np.stack([rnd(x[:, :, i:i + blk].sum(axis=2, dtype=F32) / F32(min(blk, l - i)))
+                         for i in range(0, l, blk)], axis=2)
+
+    return _bf(_mm(pool(qh, bq), pool(kc, bk).transpose(0, 1, 3, 2)))
+
+
+def np_bf16_sparse(q, k, v, lut, bq, bk, p_rounding="unnormalised"):
+    """The sparse branch as the Triton kernel computes it (3.2): fp32 logits q k^T / sqrt(d) over the LUT's key blocks
+    (partial last block masked), p = exp(s - max) in fp32, P V with P rounded to bf16 (p.to(v.dtype)) and fp32
+    accumulation, divided by the fp32 sum of p, output rounded to bf16. p_rounding: "unnormalised" (the kernel),
+    "none" or "normalised" (wrong readings)."""
+    b, l, h, d = q.shape
+    out = np.zeros_like(q)
+    scale = F32(1.0 / math.sqrt(d))
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(lut.shape[2]):
+                rows = slice(i * bq, min(l, (i + 1) * bq))
+                cols = np.concatenate([np.arange(j * bk, min(l, (j + 1) * bk)) for j in lut[bi, hi, i]])
+                s = _mm(q[bi, rows, hi], k[bi, cols, hi].T) * scale
+                p = np.exp(s - s.max(-1, keepdims=True))
+                total = p.sum(-1, keepdims=True, dtype=F32)
+                if p_rounding == "normalised":
+                    o = _mm(_bf(p / total), v[bi, cols, hi])
+                else:
+                    o = _mm(_bf(p) if p_rounding == "unnormalised" else p, v[bi, cols, hi]) / total
+                out[bi, rows, hi] = _bf(o)
+    return out
+
+
+def np_bf16_linear(q, k, v, round_den_product=True):
+    """calc_linear of the torch module on bf16 tensors (3.3), q, k, v [B, L, H, D]:
+    phi = bf16(softmax_fp32 over d); kv = bf16(phi_k^T v); k_sum = bf16(sum_L phi_k); num = bf16(phi_q kv);
+    den = bf16(sum_d bf16(phi_q * k_sum)) (the elementwise product is a bf16 op, so it rounds); den_eps =
+    bf16(den + 1e-5) (the Python scalar stays fp32); o_l = bf16(num / den_eps)."""
+    pq, pk = _bf(_softmax(q)), _bf(_softmax(k))
+    kv = _bf(np.einsum("blhd,blhe->bhde", pk, v, dtype=F32))
+    k_sum = _bf(pk.sum(axis=1, dtype=F32))  # [B, H, D]
+    num = _bf(np.einsum("blhd,bhde->blhe", pq, kv, dtype=F32))
+    prod = pq * k_sum[:, None]
+    den = _bf((_bf(prod) if round_den_product else prod).sum(axis=-1, keepdims=True, dtype=F32))
+    return _bf(num / _bf(den + F32(1e-5)))
+
+
+def np_bf16_output(o_s, o_l, w, b, round_proj=True):
+    """proj_l under bf16 autocast (bf16 operands and bias, fp32 accumulation, one rounding), then the bf16 sum (3.4)."""
+    proj = _mm(o_l, w.T) + b
+    return _bf(o_s + (_bf(proj) if round_proj else proj))
+
+
+def _maybe_jit(fn, mode):
+    return jax.jit(fn) if mode == "jit" else fn
+
+
+def _j(x):
+    return jnp.asarray(x, jnp.bfloat16)
+
+
+def _f32(x):
+    return np.asarray(jnp.asarray(x).astype(jnp.float32))
+
+
+def _fixed_lut(seed, b, h, nq, nk, n_sel):
+    rng = np.random.default_rng(seed)
+    return np.stack([np.sort(rng.permutation(nk)[:n_sel]) for _ in range(b * h * nq)]).reshape(b, h, nq, n_sel)
+
+
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("bq, bk, topk", [(16, 8, 0.3), (8, 16, 0.2)])
+def test_bf16_block_scores_and_map(monkeypatch, mode, bq, bk, topk):
+    """The pooled scores (captured where block_map hands them to top_k) equal the bf16 transcription; the selected
+    blocks then agree wherever the k-th and (k+1)-th scores of a row differ (elsewhere the choice is unspecified)."""
+    q, k, _ = _bf16_qkv(10)
+    orig_top_k = jax.lax.top_k
+
+    def run(q, k):
+        seen = []
+        monkeypatch.setattr(jax.lax, "top_k", lambda x, n: (seen.append(x), orig_top_k(x, n))[1])
+        lut = sla.block_map(q, k, topk=topk, block_q=bq, block_k=bk)
+        monkeypatch.setattr(jax.lax, "top_k", orig_top_k)
+        return lut, seen[0]
+
+    lut, scores = _maybe_jit(run, mode)(_j(q), _j(k))
+    want = np_bf16_block_scores(q, k, bq, bk)
+    assert_bf16_match(_f32(scores), want, "pooled scores")
+    # the rounding points matter: with fp32 intermediates 50-90% of the scores come out different
+    assert (_ulps(np_bf16_block_scores(q, k, bq, bk, rounded=False), want) > 0).mean() > 0.3
+
+    n_sel = sla.num_selected_blocks(topk, want.shape[-1])
+    ordered = -np.sort(-want, axis=-1)
+    tie_free = ordered[..., n_sel - 1] > ordered[..., n_sel]
+    assert tie_free.mean() > 0.5
+    want_sets = np.sort(np.argsort(-want, axis=-1, kind="stable")[..., :n_sel], axis=-1)
+    np.testing.assert_array_equal(np.asarray(lut)[tie_free], want_sets[tie_free])
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_bf16_sparse_branch_with_fixed_lut(mode):
+    q, k, v = _bf16_qkv(11)
+    lut = _fixed_lut(12, 2, 3, 7, 13, 4)
+    fn = _maybe_jit(lambda q, k, v, lut: sla.sparse_attention(q, k, v, lut, block_q=16, block_k=8), mode)
+    got = _f32(fn(_j(q), _j(k), _j(v), jnp.asarray(lut, jnp.int32)))
+    want = np_bf16_sparse(q, k, v, lut, 16, 8)
+    assert_bf16_match(got, want, "sparse branch")
+    for wrong in ("none", "normalised"):  # P kept fp32, or normalised before its rounding: 35-50% differ
+        assert (_ulps(np_bf16_sparse(q, k, v, lut, 16, 8, p_rounding=wrong), want) > 0).mean() > 0.1
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_bf16_linear_branch(mode):
+    q, k, v = _bf16_qkv(13)
+    got = _f32(_maybe_jit(sla.linear_attention, mode)(_j(q), _j(k), _j(v)))
+    want = np_bf16_linear(q, k, v)
+    assert_bf16_match(got, want, "linear branch")
+    assert (_ulps(np_bf16_linear(q, k, v, round_den_product=False), want) > 0).mean() > 0.05
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_bf16_sla_output(mode):
+    """Fixed-LUT sparse branch + proj_l(linear branch), summed in bf16: the whole reference output."""
+    q, k, v = _bf16_qkv(14)
+    rng = np.random.default_rng(15)
+    w, b = _bf(0.3 * rng.normal(size=(16, 16))), _bf(rng.normal(size=16))
+    lut = _fixed_lut(16, 2, 3, 7, 13, 4)
+
+    def run(q, k, v, lut, w, b):
+        return sla.reference.add_linear_branch(sla.sparse_attention(q, k, v, lut, block_q=16, block_k=8),
+                                               q, k, v, w, b)
+
+    got = _f32(_maybe_jit(run, mode)(_j(q), _j(k), _j(v), jnp.asarray(lut, jnp.int32), _j(w), _j(b)))
+    o_s, o_l = np_bf16_sparse(q, k, v, lut, 16, 8), np_bf16_linear(q, k, v)
+    want = np_bf16_output(o_s, o_l, w, b)
+    assert_bf16_match(got, want, "SLA output")
+    assert (_ulps(np_bf16_output(o_s, o_l, w, b, round_proj=False), want) > 0).mean() > 0.05

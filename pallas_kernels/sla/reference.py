@@ -124,7 +124,10 @@ def linear_output(q: jax.Array, kv: jax.Array, k_sum: jax.Array) -> jax.Array:
     dt = q.dtype
     phi_q = jax.nn.softmax(q.astype(f32), axis=-1).astype(dt)
     num = _einsum("blhd,bhde->blhe", phi_q, kv).astype(dt)
-    den = jnp.sum((phi_q * k_sum[:, None]).astype(f32), axis=-1, keepdims=True).astype(dt)
+    prod = (phi_q * k_sum[:, None]).astype(f32)
+    if dt != f32:  # the product is rounded to dt before the sum; stop XLA from fusing that rounding away
+        prod = jax.lax.reduce_precision(prod, exponent_bits=jnp.finfo(dt).nexp, mantissa_bits=jnp.finfo(dt).nmant)
+    den = jnp.sum(prod, axis=-1, keepdims=True).astype(dt)
     return (num / (den + jnp.asarray(1e-5, dt))).astype(dt)
 
 

@@ -31,9 +31,22 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out_dtype) -> jax.Ar
     return y.astype(out_dtype)
 
 
-def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: jax.Array | None = None):
-    """LayerNorm over the last axis with fp32 statistics and biased variance; affine in fp32; fp32 result."""
+def exact_f32(x: jax.Array) -> jax.Array:
+    """x in fp32, holding exactly x's (possibly bf16) values. Under jit XLA may keep an fp32 intermediate where the
+    program rounds to bf16 (xla_allow_excess_precision, on by default); reduce_precision pins the rounding."""
     x32 = x.astype(f32)
+    if x.dtype == f32:
+        return x32
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: jax.Array | None = None):
+    """LayerNorm over the last axis with fp32 statistics and biased variance; affine in fp32; fp32 result.
+
+    A bf16 x is read exactly as rounded (`exact_f32`): the bf16 residual of TurboDiffusion's network feeds every
+    norm, and XLA fusing the preceding add into the norm must not skip that rounding."""
+    x32 = exact_f32(x)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)

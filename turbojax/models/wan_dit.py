@@ -153,12 +153,14 @@ class WanDiT(nnx.Module):
 
         block_def, block_states = nnx.split(self.blocks)
 
-        def body(x, block_state):
-            return block_forward(nnx.merge(block_def, block_state), x, e0, ctx, cos, sin, **static), None
+        def body(x, per_block):
+            block_state, index = per_block
+            blk = nnx.merge(block_def, block_state)
+            return block_forward(blk, x, e0, ctx, cos, sin, first=index == 0, **static), None
 
         # A plain lax.scan over the stacked block state (not nnx.scan), so the model also runs inside other
         # transforms (the sampler's scan over steps) where the parameters are tracers of an outer level.
-        x = jax.lax.scan(body, x, block_states)[0]
+        x = jax.lax.scan(body, x, (block_states, jnp.arange(cfg.num_layers)))[0]
 
         head_mod = self.head.modulation[...] + e[:, None, :]  # [B, 2, D] fp32: shift, scale
         shift, scale = head_mod[:, 0], head_mod[:, 1]
@@ -167,8 +169,9 @@ class WanDiT(nnx.Module):
         return layers.unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
 
 
-def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype, attention: AttentionSpec):
-    """One block. x [B, L, D] residual; e0 [B, 6, D] fp32; ctx [B, Lc, D]; cos/sin [L, head_dim/2]."""
+def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, first, cfg: WanConfig, dtype, attention: AttentionSpec):
+    """One block. x [B, L, D] residual; e0 [B, 6, D] fp32; ctx [B, Lc, D]; cos/sin [L, head_dim/2]; first: whether
+    this is block 0 (bool scalar)."""
     dt = dtype  # matmul/activation dtype
     b, l, _ = x.shape
     n, hd = cfg.num_heads, cfg.head_dim
@@ -179,7 +182,12 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, cfg: WanConfig, dtype,
 
     # self-attention
     sa = blk.self_attn
-    hmod = layers.modulate(layers.layer_norm(x, cfg.eps).astype(x.dtype), m[:, 0], m[:, 1], dt)
+    normed = layers.layer_norm(x, cfg.eps).astype(x.dtype)
+    if cfg.family == "wan":
+        # Stock Wan's residual is still the bf16 patch embedding when block 0's norm1 runs (it turns fp32 at the
+        # first gated add), and WanLayerNorm returns its input's dtype: that one norm output is rounded to bf16.
+        normed = jnp.where(first, layers.exact_f32(normed.astype(dt)), normed)
+    hmod = layers.modulate(normed, m[:, 0], m[:, 1], dt)
     q = _rms(sa.q(hmod, dt), sa.norm_q, cfg, dt).reshape(b, l, n, hd)
     k = _rms(sa.k(hmod, dt), sa.norm_k, cfg, dt).reshape(b, l, n, hd)
     v = sa.v(hmod, dt).reshape(b, l, n, hd)
