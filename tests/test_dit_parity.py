@@ -133,3 +133,30 @@ def test_sla_reference_with_all_blocks_and_zero_proj_equals_dense(converted):
     dit.blocks.self_attn.proj_l.bias[...] = jnp.zeros_like(dit.blocks.self_attn.proj_l.bias[...])
     out = np.asarray(dit(jnp.asarray(io["latents"]), jnp.asarray(io["timestep"]), jnp.asarray(io["context"])))
     assert rel_err(out, dense) <= 1e-5
+
+
+def test_load_refuses_incomplete_or_extra_blocks(converted, tmp_path):
+    import shutil
+
+    from turbojax.checkpoint import CheckpointFormatError
+
+    partial = tmp_path / "partial"
+    shutil.copytree(converted["turbo_t2v"], partial)
+    block = turbojax.checkpoint._restore_tree(partial / "params" / "blocks" / "001")
+    del block["self_attn"]["proj_l"]
+    shutil.rmtree(partial / "params" / "blocks" / "001")
+    turbojax.checkpoint._save_tree((partial / "params" / "blocks" / "001").absolute(), block)
+    with pytest.raises(CheckpointFormatError, match=r"proj_l\.(weight|bias) is in 1 of the 2 blocks"):
+        turbojax.load_dit(partial, dtype=jnp.float32, progress=False)
+
+    extra = tmp_path / "extra"
+    shutil.copytree(converted["turbo_t2v"], extra)
+    shutil.copytree(extra / "params" / "blocks" / "001", extra / "params" / "blocks" / "002")
+    with pytest.raises(CheckpointFormatError, match="beyond the model's 2 blocks"):
+        turbojax.load_dit(extra, dtype=jnp.float32, progress=False)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(converted["turbo_t2v"], missing)
+    shutil.rmtree(missing / "params" / "blocks" / "001")
+    with pytest.raises(CheckpointFormatError, match="block 1 is missing"):
+        turbojax.load_dit(missing, dtype=jnp.float32, progress=False)

@@ -97,7 +97,11 @@ def write_checkpoint(
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous checkpoint back where it was
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(out)
@@ -198,41 +202,44 @@ def restore_module(path: Path, abstract: nnx.Module, num_blocks: int, *, transfo
     graphdef, abs_state = nnx.split(abstract)
     targets = {path_: leaf for path_, leaf in nnx.to_flat_state(abs_state)}
 
-    def put(key: tuple, value: np.ndarray):
+    def checked(key: tuple, value: np.ndarray, shape: tuple, name: str) -> np.ndarray:
+        """value as the target's dtype (no copy when it already is), after name and shape checks."""
         if key not in targets:
-            raise CheckpointFormatError(f"{path}: unexpected parameter {'.'.join(map(str, key))}")
-        target = targets[key]
-        if tuple(value.shape) != tuple(target.shape):
-            raise CheckpointFormatError(
-                f"{path}: parameter {'.'.join(map(str, key))} has shape {value.shape}, the model needs {target.shape}"
-            )
-        return jax.device_put(np.asarray(value).astype(target.dtype))
+            raise CheckpointFormatError(f"{path}: unexpected parameter {name}")
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointFormatError(f"{path}: parameter {name} has shape {value.shape}, the model needs {shape}")
+        return np.asarray(value).astype(targets[key].dtype, copy=False)
 
     values = {}
     embeddings = transform(_restore_tree(path / "params" / "embeddings"))
     for key, value in _flatten(embeddings).items():
-        values[key] = put(key, value)
+        name = ".".join(map(str, key))
+        values[key] = jax.device_put(checked(key, value, targets.get(key, value).shape, name))
 
     block_dir = path / "params" / "blocks"
+    extra = sorted(p.name for p in block_dir.iterdir() if not p.name.isdigit() or int(p.name) >= num_blocks) \
+        if block_dir.exists() else []
+    if extra:
+        raise CheckpointFormatError(f"{path}: block folders {', '.join(extra)} beyond the model's {num_blocks} "
+                                    "blocks; the folder does not match its config.json")
     stacked: dict[tuple, np.ndarray] = {}
+    filled: dict[tuple, int] = {}
     for i in tqdm(range(num_blocks), desc="loading blocks", disable=not progress):
         block_path = block_dir / f"{i:03d}"
         if not block_path.exists():
             raise CheckpointFormatError(f"{path}: block {i} is missing ({block_path}); re-run the conversion")
         for key, value in _flatten(transform(_restore_tree(block_path))).items():
-            full = ("blocks", *key)
-            if full not in targets:
-                raise CheckpointFormatError(f"{path}: unexpected parameter blocks.{i}.{'.'.join(key)}")
-            if tuple(value.shape) != tuple(targets[full].shape[1:]):
-                raise CheckpointFormatError(
-                    f"{path}: parameter blocks.{i}.{'.'.join(key)} has shape {value.shape}, the model needs "
-                    f"{targets[full].shape[1:]}"
-                )
+            full, name = ("blocks", *key), f"blocks.{i}.{'.'.join(key)}"
+            value = checked(full, value, targets[full].shape[1:] if full in targets else value.shape, name)
             if full not in stacked:
                 stacked[full] = np.empty(targets[full].shape, targets[full].dtype)
-            stacked[full][i] = np.asarray(value).astype(targets[full].dtype)
+            stacked[full][i] = value
+            filled[full] = filled.get(full, 0) + 1
     for key in list(stacked):
-        values[key] = put(key, stacked.pop(key))
+        if filled[key] != num_blocks:
+            raise CheckpointFormatError(f"{path}: parameter {'.'.join(map(str, key))} is in {filled[key]} of the "
+                                        f"{num_blocks} blocks; re-run the conversion")
+        values[key] = jax.device_put(stacked.pop(key))
 
     missing = sorted(".".join(map(str, k)) for k in targets if k not in values)
     if missing:
