@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from turbojax.models.layers import precision
+
 f32 = jnp.float32
 CONV_IMPLS = ("fold", "xla3d", "ndhwc")
 COMPILER_OPTIONS = {"ndhwc": {"xla_gpu_force_conv_nhwc": True}}
@@ -195,14 +197,15 @@ def _add_bias(y: jax.Array, b: jax.Array, dtype) -> jax.Array:
 def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """A 1x1(x1) convolution as a matmul: x [..., C] @ w [C, O] (any leading kernel dims of size 1) + b [O]."""
     w2 = w.reshape(w.shape[-2], w.shape[-1])
-    y = jax.lax.dot_general(x.astype(w2.dtype), w2, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=f32)
+    y = jax.lax.dot_general(x.astype(w2.dtype), w2, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=f32,
+                            precision=precision(w2.dtype))
     return (y + b.astype(f32)).astype(w2.dtype)
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: tuple) -> jax.Array:
     """x [N, H, W, C], w [kh, kw, C, O] -> [N, H', W', O]; padding ((top, bottom), (left, right))."""
     y = jax.lax.conv_general_dilated(x.astype(w.dtype), w, (stride, stride), padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision(w.dtype))
     return _add_bias(y, b, w.dtype)
 
 
@@ -214,7 +217,7 @@ def conv3d(seq: jax.Array, w: jax.Array, b: jax.Array, impl: str, stride_t: int 
     seq = seq.astype(w.dtype)
     if impl in ("xla3d", "ndhwc"):
         y = jax.lax.conv_general_dilated(seq, w, (stride_t, 1, 1), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
-                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision(w.dtype))
         return _add_bias(y, b, w.dtype)
     if impl != "fold":
         raise ValueError(f"unknown conv implementation {impl!r}; choose one of {CONV_IMPLS}")
@@ -266,9 +269,10 @@ def attention(attn: Attention, x: jax.Array, dtype) -> jax.Array:
     b, t, h, w, c = x.shape
     a = rms_norm(x, attn.norm.gamma[...]).astype(dtype).reshape(b * t, h * w, c)
     q, k, v = jnp.split(dense(a, attn.to_qkv.weight[...], attn.to_qkv.bias[...]), 3, axis=-1)
-    scores = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=f32) * (c ** -0.5)
+    prec = precision(q.dtype)
+    scores = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=f32, precision=prec) * (c ** -0.5)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    o = jnp.einsum("nqk,nkc->nqc", probs, v, preferred_element_type=f32).astype(dtype)
+    o = jnp.einsum("nqk,nkc->nqc", probs, v, preferred_element_type=f32, precision=prec).astype(dtype)
     o = dense(o, attn.proj.weight[...], attn.proj.bias[...])
     return (x + o.reshape(b, t, h, w, c)).astype(dtype)
 
