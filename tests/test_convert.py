@@ -694,8 +694,9 @@ def test_conversion_streams(tmp_path):
         sampler.join()
     growth = peak[0] - base
     block = size / cfg.num_layers  # the embeddings here are small next to a block
-    # Bounded by a few blocks, whatever the depth: at 14B (700 MB blocks) that is a few GB, not the model size.
-    assert growth < 4 * block, f"anonymous memory grew by {growth / 2**20:.0f} MB; one block is {block / 2**20:.0f} MB"
+    # Bounded by a few blocks in flight, whatever the depth (measured: ~2.5 blocks on 2 cores, ~4 on 16, where
+    # tensorstore writes more at once): at 14B (700 MB blocks) a few GB, not the 28 GB model.
+    assert growth < 6 * block, f"anonymous memory grew by {growth / 2**20:.0f} MB; one block is {block / 2**20:.0f} MB"
 
     meta = checkpoint.read_meta(out)
     assert meta["model"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
