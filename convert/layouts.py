@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 
+from convert.common import key_problems, module_tree, rename
 from convert.errors import CheckpointError
 from turbojax.models.config import PRESETS, WanConfig
 
@@ -121,17 +122,7 @@ def detect_layout(tensors: dict[str, np.ndarray]) -> str:
 def to_canonical(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
     """Renames a layout's keys to the original Wan names and makes the patch embedding Linear-shaped."""
     if layout == "diffusers":
-        renamed = {}
-        for key, value in tensors.items():
-            if IGNORED_DIFFUSERS.search(key):
-                continue
-            for pattern, repl in DIFFUSERS_RENAMES:
-                new, n = re.subn(pattern, repl, key)
-                if n:
-                    key = new
-                    break
-            renamed[key] = value
-        tensors = renamed
+        tensors = {rename(k, DIFFUSERS_RENAMES): v for k, v in tensors.items() if not IGNORED_DIFFUSERS.search(k)}
     w = tensors.get("patch_embedding.weight")
     if w is not None and w.ndim == 5:
         if w.shape[2:] != (1, 2, 2):
@@ -257,11 +248,6 @@ def expected_shapes(cfg: WanConfig, quantized: bool) -> dict[str, tuple[int, ...
 
 def validate(tensors: dict[str, np.ndarray], cfg: WanConfig, quantized: bool) -> None:
     """Raises one CheckpointError listing every missing key, unexpected key and shape mismatch."""
-    want = expected_shapes(cfg, quantized)
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want))
-    bad = [f"{k}: {tuple(tensors[k].shape)} (expected {want[k]})"
-           for k in sorted(set(want) & set(tensors)) if tuple(tensors[k].shape) != want[k]]
     if quantized:
         bf16_linear = re.compile(r"blocks\.\d+\.(%s)\.weight" % "|".join(map(re.escape, QUANT_LINEARS)))
         mixed = sorted(k for k in tensors if bf16_linear.fullmatch(k))
@@ -270,64 +256,21 @@ def validate(tensors: dict[str, np.ndarray], cfg: WanConfig, quantized: bool) ->
                 f"the checkpoint mixes quantised and bf16 block Linears ({mixed[0]} is not int8); "
                 "use a complete -quant file or the bf16 file"
             )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {', '.join(_abbrev(missing))}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {', '.join(_abbrev(unexpected))}")
-    if bad:
-        problems.append(f"{len(bad)} with the wrong shape: {', '.join(_abbrev(bad))}")
+    problems = key_problems(tensors, expected_shapes(cfg, quantized))
     if problems:
         raise CheckpointError(
             f"the checkpoint does not match a {cfg.num_layers}-layer dim-{cfg.dim} Wan DiT: " + "; ".join(problems)
         )
 
 
-def _abbrev(items: list[str], limit: int = 12) -> list[str]:
-    return items if len(items) <= limit else [*items[:limit], f"... ({len(items) - limit} more)"]
-
-
-def _nest(flat: dict[tuple, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _module_and_leaf(name: str) -> tuple[str, str]:
-    """'blocks.0.ffn.0.bias' -> ('blocks.0.ffn.0', 'bias'); 'head.modulation' -> ('head', 'modulation')."""
-    module, leaf = name.rsplit(".", 1)
-    return module, leaf
-
-
 def embeddings_tree(tensors: dict[str, np.ndarray]) -> dict:
     """The non-block parameters as a turbojax tree."""
-    flat = {}
-    for key, value in tensors.items():
-        if key.startswith("blocks."):
-            continue
-        if key == "head.modulation":
-            flat[("head", "modulation")] = value
-            continue
-        module, leaf = _module_and_leaf(key)
-        flat[(*NON_BLOCK[module], leaf)] = value
-    return _nest(flat)
+    return module_tree({k: v for k, v in tensors.items() if not k.startswith("blocks.")}, NON_BLOCK,
+                       {"head.modulation": ("head", "modulation")})
 
 
 def block_tree(tensors: dict[str, np.ndarray], i: int) -> dict:
     """Block i's parameters as a turbojax tree (int8 Linears keep int8_weight + scale)."""
     prefix = f"blocks.{i}."
-    flat = {}
-    for key, value in tensors.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        if name == "modulation":
-            flat[("modulation",)] = value
-            continue
-        module, leaf = _module_and_leaf(name)
-        flat[(*BLOCK[module], leaf)] = value
-    return _nest(flat)
+    return module_tree({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, BLOCK,
+                       {"modulation": ("modulation",)})

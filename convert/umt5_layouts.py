@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.common import key_problems, module_tree, rename
 from convert.errors import CheckpointError
 from turbojax.models.umt5 import UMT5_PRESETS, UMT5Config
 
@@ -73,11 +74,7 @@ def to_canonical(tensors: dict[str, np.ndarray], layout: str) -> dict[str, np.nd
     for key, value in tensors.items():
         if HF_IGNORED.match(key):
             continue
-        for pattern, repl in HF_RENAMES:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                key = new
-                break
+        key = rename(key, HF_RENAMES)
         if key == "token_embedding.weight" and key in out:
             if out[key].shape != value.shape:
                 raise CheckpointError(f"shared.weight {out[key].shape} and encoder.embed_tokens.weight {value.shape} "
@@ -150,56 +147,25 @@ def expected_shapes(cfg: UMT5Config) -> dict[str, tuple[int, ...]]:
 def validate(tensors: dict[str, np.ndarray], cfg: UMT5Config) -> None:
     """Raises one CheckpointError listing every missing key, unexpected key, shape mismatch and non-float dtype."""
     want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want))
-    bad = [f"{k}: {tuple(tensors[k].shape)} (expected {want[k]})"
-           for k in sorted(set(want) & set(tensors)) if tuple(tensors[k].shape) != want[k]]
     dtypes = [f"{k}: {tensors[k].dtype}" for k in sorted(set(want) & set(tensors))
               if np.dtype(tensors[k].dtype).name not in FLOAT_DTYPES]
-    problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", bad),
-                        (f"not {'/'.join(FLOAT_DTYPES)} (scaled fp8 or quantised files are not supported)", dtypes)):
-        if items:
-            problems.append(f"{len(items)} {what}: {', '.join(_abbrev(items))}")
+    problems = key_problems(
+        tensors, want, (f"not {'/'.join(FLOAT_DTYPES)} (scaled fp8 or quantised files are not supported)", dtypes))
     if problems:
         raise CheckpointError(
             f"the checkpoint does not match a {cfg.num_layers}-layer dim-{cfg.dim} umT5 encoder: " + "; ".join(problems)
         )
 
 
-def _abbrev(items: list[str], limit: int = 12) -> list[str]:
-    return items if len(items) <= limit else [*items[:limit], f"... ({len(items) - limit} more)"]
-
-
-def _tree(flat: dict[tuple, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
-
-
 def embeddings_tree(tensors: dict[str, np.ndarray]) -> dict:
     """The token embedding and the final norm as a turbojax tree."""
-    flat = {}
-    for key, value in tensors.items():
-        if not key.startswith("blocks."):
-            module, leaf = key.rsplit(".", 1)
-            flat[(*NON_BLOCK[module], leaf)] = value
-    return _tree(flat)
+    return module_tree({k: v for k, v in tensors.items() if not k.startswith("blocks.")}, NON_BLOCK)
 
 
 def block_tree(tensors: dict[str, np.ndarray], i: int) -> dict:
     """Block i's parameters as a turbojax tree."""
     prefix = f"blocks.{i}."
-    flat = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix):
-            module, leaf = key[len(prefix):].rsplit(".", 1)
-            flat[(*BLOCK[module], leaf)] = value
-    return _tree(flat)
+    return module_tree({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, BLOCK)
 
 
 def find_tokenizer(checkpoint_file: Path) -> Path | None:

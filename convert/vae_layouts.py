@@ -16,8 +16,8 @@ import re
 
 import numpy as np
 
+from convert.common import key_problems, nest
 from convert.errors import CheckpointError
-from convert.layouts import _abbrev
 from turbojax.models.vae import VAEConfig, decoder_plan, encoder_plan
 
 LAYOUTS = ("wan", "diffusers")
@@ -181,18 +181,7 @@ def expected_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
 
 def validate(tensors: dict[str, np.ndarray], cfg: VAEConfig) -> None:
     """Raises one CheckpointError listing every missing key, unexpected key and shape mismatch."""
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want))
-    bad = [f"{k}: {tuple(tensors[k].shape)} (expected {want[k]})"
-           for k in sorted(set(want) & set(tensors)) if tuple(tensors[k].shape) != want[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {', '.join(_abbrev(missing))}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {', '.join(_abbrev(unexpected))}")
-    if bad:
-        problems.append(f"{len(bad)} with the wrong shape: {', '.join(_abbrev(bad))}")
+    problems = key_problems(tensors, expected_shapes(cfg))
     if problems:
         raise CheckpointError(
             f"the checkpoint does not match a Wan2.1 VAE with base_dim {cfg.base_dim}, z_dim {cfg.z_dim}, "
@@ -231,11 +220,4 @@ def _to_jax_layout(key: str, value: np.ndarray) -> np.ndarray:
 
 def to_tree(tensors: dict[str, np.ndarray]) -> dict:
     """Validated canonical tensors -> the nested turbojax tree that checkpoint.write_vae_checkpoint saves."""
-    tree: dict = {}
-    for key, value in tensors.items():
-        *parents, leaf = _tree_path(key)
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _to_jax_layout(key, value)
-    return tree
+    return nest({_tree_path(key): _to_jax_layout(key, value) for key, value in tensors.items()})
