@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 import turbojax
+from turbojax.bench.timing import report, time_calls, time_compiled
 from turbojax.models.attention import as_spec
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
@@ -37,20 +37,10 @@ def random_dit(cfg: turbojax.WanConfig, seed: int = 0) -> turbojax.WanDiT:
 def time_forward(dit: turbojax.WanDiT, inputs: tuple, iters: int) -> dict:
     graphdef, state = nnx.split(dit)
     fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
-    t0 = time.perf_counter()
-    compiled = fwd.lower(state, *inputs).compile()
-    compile_s = time.perf_counter() - t0
+    timings, compiled, out = time_compiled(lambda: fwd.lower(state, *inputs), (state, *inputs), iters)
     mem = compiled.memory_analysis()
-    out = jax.block_until_ready(compiled(state, *inputs))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(state, *inputs))
-        times.append(time.perf_counter() - t0)
     return {
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "compile_s": compile_s,
+        **timings,
         "temp_gib": mem.temp_size_in_bytes / 2**30 if mem else None,
         "args_gib": mem.argument_size_in_bytes / 2**30 if mem else None,
         "out": out,
@@ -63,12 +53,8 @@ def time_sampler(dit: turbojax.WanDiT, context, shape, steps: int, iters: int) -
     t0 = time.perf_counter()
     jax.block_until_ready(sampler(context, latent_shape=shape, seed=0))
     first_s = time.perf_counter() - t0
-    times = []
-    for seed in range(1, iters + 1):
-        t0 = time.perf_counter()
-        jax.block_until_ready(sampler(context, latent_shape=shape, seed=seed))
-        times.append(time.perf_counter() - t0)
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "compile_s": first_s,
+    timings = time_calls(lambda i: sampler(context, latent_shape=shape, seed=i + 1), iters)
+    return {**timings, "compile_s": first_s,
             "temp_gib": float("nan"), "args_gib": float("nan"), "rel_diff_vs_first": float("nan")}
 
 
@@ -118,16 +104,10 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
         del dit
 
-    print("\n| preset | res | tokens | attention | forward median (ms) | min (ms) | compile (s) | temp GiB | "
-          "params GiB | rel. diff vs first |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['preset']} | {r['res']} | {r['tokens']} | {r['attention']} | {r['median_ms']:.1f} | "
-              f"{r['min_ms']:.1f} | {r['compile_s']:.1f} | {r['temp_gib']:.2f} | {r['args_gib']:.2f} | "
-              f"{r['rel_diff_vs_first']:.2e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, {"preset": "{preset}", "res": "{res}", "tokens": "{tokens}", "attention": "{attention}",
+                  "forward median (ms)": "{median_ms:.1f}", "min (ms)": "{min_ms:.1f}",
+                  "compile (s)": "{compile_s:.1f}", "temp GiB": "{temp_gib:.2f}", "params GiB": "{args_gib:.2f}",
+                  "rel. diff vs first": "{rel_diff_vs_first:.2e}"}, args.json)
     return 0
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from turbojax.bench.timing import report, time_compiled
 from turbojax.models.umt5 import UMT5_PRESETS, UMT5Encoder
 from turbojax.text import TEXT_LEN, TextEncoder
 
@@ -51,23 +51,15 @@ def run_variant(preset: str, quantized: bool, batch: int, iters: int) -> tuple[d
     enc = random_encoder(preset, quantized)
     init_s = time.perf_counter() - t0
     weights_gib = sum(x.nbytes for x in jax.tree.leaves(enc._weights())) / 2**30
-    ids, mask = inputs(enc.cfg.vocab_size, batch)
-    t0 = time.perf_counter()
-    compiled = enc._forward.lower(enc._weights(), ids, mask).compile()
-    compile_s = time.perf_counter() - t0
+    args = (enc._weights(), *inputs(enc.cfg.vocab_size, batch))
+    timings, compiled, out = time_compiled(lambda: enc._forward.lower(*args), args, iters, to_host=True)
     mem = compiled.memory_analysis()
-    out = np.asarray(jax.block_until_ready(compiled(enc._weights(), ids, mask)), np.float32)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(enc._weights(), ids, mask))
-        times.append(time.perf_counter() - t0)
     peak = _device_bytes("peak_bytes_in_use")
     enc.unload()
     row = {
         "preset": preset, "weights": "int8" if quantized else "bf16", "batch": batch,
-        "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-        "init_s": init_s, "compile_s": compile_s, "weights_gib": weights_gib,
+        "median_ms": timings["median_ms"], "min_ms": timings["min_ms"],
+        "init_s": init_s, "compile_s": timings["compile_s"], "weights_gib": weights_gib,
         "temp_gib": mem.temp_size_in_bytes / 2**30 if mem else float("nan"),
         "peak_gib": peak, "after_unload_gib": _device_bytes("bytes_in_use"),
     }
@@ -94,16 +86,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print("\n| preset | weights | batch | encode median (ms) | min (ms) | compile (s) | weights GiB | temp GiB | "
-          "peak GiB | after unload GiB | rel. diff vs first |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['preset']} | {r['weights']} | {r['batch']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-              f"{r['compile_s']:.1f} | {r['weights_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_gib']:.2f} | "
-              f"{r['after_unload_gib']:.2f} | {r['rel_diff_vs_first']:.2e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, {"preset": "{preset}", "weights": "{weights}", "batch": "{batch}",
+                  "encode median (ms)": "{median_ms:.1f}", "min (ms)": "{min_ms:.1f}", "compile (s)": "{compile_s:.1f}",
+                  "weights GiB": "{weights_gib:.2f}", "temp GiB": "{temp_gib:.2f}", "peak GiB": "{peak_gib:.2f}",
+                  "after unload GiB": "{after_unload_gib:.2f}", "rel. diff vs first": "{rel_diff_vs_first:.2e}"},
+           args.json)
     return 0
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from turbojax.bench.timing import report, time_compiled
 from turbojax.models import vae as vae_mod
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "tiny": (64, 96)}
@@ -53,20 +52,12 @@ def latent_shape(cfg: vae_mod.VAEConfig, res: str, frames: int) -> tuple[int, ..
 
 def time_decode(vae: vae_mod.WanVAE, z: jax.Array, iters: int) -> dict:
     graphdef, state = nnx.split(vae)
-    t0 = time.perf_counter()
-    compiled = vae_mod.jitted(vae_mod.decode_latents, vae.conv).lower(graphdef, state, z, True).compile()
-    compile_s = time.perf_counter() - t0
+    timings, compiled, out = time_compiled(
+        lambda: vae_mod.jitted(vae_mod.decode_latents, vae.conv).lower(graphdef, state, z, True), (state, z), iters)
     mem = compiled.memory_analysis()
-    out = jax.block_until_ready(compiled(state, z))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(state, z))
-        times.append(time.perf_counter() - t0)
     gib = lambda n: n / 2**30
     args, temp, outb = mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "compile_s": compile_s,
-            "args_gib": gib(args), "temp_gib": gib(temp), "out_gib": gib(outb),
+    return {**timings, "args_gib": gib(args), "temp_gib": gib(temp), "out_gib": gib(outb),
             "peak_gib": gib(args + temp + outb - mem.alias_size_in_bytes), "out": out}
 
 
@@ -110,16 +101,10 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
             del out
 
-    print("\n| res | frames | conv | decode median (ms) | min (ms) | compile (s) | weights+latents GiB | temp GiB | "
-          "output GiB | peak GiB | rel. diff vs first |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['res']} | {r['frames']} | {r['conv']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-              f"{r['compile_s']:.1f} | {r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['out_gib']:.2f} | "
-              f"{r['peak_gib']:.2f} | {r['rel_diff_vs_first']:.2e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, {"res": "{res}", "frames": "{frames}", "conv": "{conv}", "decode median (ms)": "{median_ms:.1f}",
+                  "min (ms)": "{min_ms:.1f}", "compile (s)": "{compile_s:.1f}",
+                  "weights+latents GiB": "{args_gib:.2f}", "temp GiB": "{temp_gib:.2f}", "output GiB": "{out_gib:.2f}",
+                  "peak GiB": "{peak_gib:.2f}", "rel. diff vs first": "{rel_diff_vs_first:.2e}"}, args.json)
     return 0
 
 

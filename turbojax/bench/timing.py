@@ -1,0 +1,47 @@
+"""The timing loop and the report the benchmarks share."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def time_calls(call: Callable[[int], Any], iters: int) -> dict:
+    """Median and min wall time in ms of call(i) for i in range(iters), each blocked on until ready."""
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(i))
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times)}
+
+
+def time_compiled(lower: Callable[[], jax.stages.Lowered], args: tuple, iters: int, to_host: bool = False):
+    """Compiles lower() (lowering counted in compile_s), calls it on args once as a warm-up, then times iters calls.
+    Returns the timings, the compiled program (for memory_analysis) and the warm-up call's output; to_host makes that
+    a float32 numpy array before the timed calls, so its device buffer does not count in the device's memory stats."""
+    t0 = time.perf_counter()
+    compiled = lower().compile()
+    compile_s = time.perf_counter() - t0
+    out = jax.block_until_ready(compiled(*args))
+    if to_host:
+        out = np.asarray(out, np.float32)
+    timings = time_calls(lambda _: compiled(*args), iters)
+    return {**timings, "compile_s": compile_s}, compiled, out
+
+
+def report(rows: list[dict], columns: dict[str, str], json_path: str | None) -> None:
+    """Prints rows as a markdown table (column header -> str.format template over a row's keys); writes them to
+    json_path too if given."""
+    print("\n| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(template.format(**r) for template in columns.values()) + " |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=2)
