@@ -15,11 +15,12 @@ from turbojax import checkpoint, text
 from turbojax.models.config import PRESETS
 
 
-def _dtype_summary(tensors: dict[str, np.ndarray]) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def _source_meta(files: list[Path], layout: str, tensors: dict[str, np.ndarray], progress: bool) -> dict:
+    """config.json's record of what was converted: the layout, each source file's sha256, the tensors' dtypes."""
+    dtypes: dict[str, int] = {}
     for v in tensors.values():
-        counts[v.dtype.name] = counts.get(v.dtype.name, 0) + 1
-    return counts
+        dtypes[v.dtype.name] = dtypes.get(v.dtype.name, 0) + 1
+    return {"layout": layout, "sha256": sources.sha256_files(sources.source_files(files), progress), "dtypes": dtypes}
 
 
 def convert(
@@ -50,11 +51,7 @@ def convert(
     meta = {
         "model": dataclasses.asdict(det.config),
         "preset": det.preset,
-        "source": {
-            "layout": layout,
-            "sha256": sources.sha256_files(sources.source_files(files), progress),
-            "dtypes": _dtype_summary(tensors),
-        },
+        "source": _source_meta(files, layout, tensors, progress),
         "quantization": {"scheme": "w8a8-int8", "block": [128, 128]} if det.quantized else None,
     }
     blocks = (layouts.block_tree(tensors, i) for i in range(det.config.num_layers))
@@ -74,11 +71,7 @@ def convert_vae(files: list[Path], tensors: dict[str, np.ndarray], config_json: 
     meta = {
         "component": "vae",
         "model": dataclasses.asdict(cfg),
-        "source": {
-            "layout": layout,
-            "sha256": sources.sha256_files(sources.source_files(files), progress),
-            "dtypes": _dtype_summary(tensors),
-        },
+        "source": _source_meta(files, layout, tensors, progress),
     }
     # One tree, no blocks: the VAE is 0.5 GB in fp32, so streaming it per block buys nothing.
     return checkpoint.write_checkpoint(out, meta, vae_layouts.to_tree(tensors), [], num_blocks=0,
@@ -98,11 +91,7 @@ def convert_umt5(files: list[Path], tensors: dict[str, np.ndarray], config_json:
         "component": "umt5",
         "model": dataclasses.asdict(cfg),
         "preset": umt5_layouts.preset_of(cfg),
-        "source": {
-            "layout": layout,
-            "sha256": sources.sha256_files(sources.source_files(files), progress),
-            "dtypes": _dtype_summary(tensors),
-        },
+        "source": _source_meta(files, layout, tensors, progress),
         "tokenizer": None if spm is None else {
             "file": text.TOKENIZER_FILE, "source": str(spm), "sha256": sources.sha256_files([spm], False)[spm.name],
         },
