@@ -1,0 +1,76 @@
+"""W8A8 int8 linear with 128 x 128 block scales (TurboDiffusion's `-quant` Int8Linear): the pure-jnp reference (the
+semantics, acceleration.md 5), the Pallas-Triton kernels, and the dispatcher.
+
+    q, s = quantize_blockwise(x)                              # x [M, K] bf16 -> int8 [M, K], fp32 [M/128, K/128]
+    y = int8_block_matmul(q, s, w_q, w_scale)                 # w_q [N, K] int8 -> [M, N] bf16
+    y = int8_linear(x, w_q, w_scale, bias)                    # both, x [..., K] -> [..., N] in x's dtype
+
+implementation: None picks the Pallas-Triton kernels on a GPU and the reference elsewhere; "reference" is pure jnp;
+"triton" the kernels (interpret=True runs them in the Pallas interpreter on the CPU, for tests).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.int8_matmul import reference, triton
+from pallas_kernels.int8_matmul.reference import BLOCK, num_blocks
+from pallas_kernels.int8_matmul.triton import GemmConfig
+
+IMPLEMENTATIONS = ("reference", "triton")
+
+
+def default_implementation() -> str:
+    return "triton" if jax.default_backend() == "gpu" else "reference"
+
+
+def _pick(implementation: str | None) -> str:
+    impl = implementation or default_implementation()
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown W8A8 implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+    return impl
+
+
+def quantize_blockwise(x: jax.Array, *, implementation: str | None = None, interpret: bool = False):
+    """x [M, K] bf16/fp16 -> (q int8 [M, K], scale fp32 [ceil(M/128), ceil(K/128)]): TurboDiffusion's quantiser."""
+    if _pick(implementation) == "triton":
+        return triton.quantize_blockwise(x, interpret=interpret)
+    return reference.quantize_blockwise(x)
+
+
+def int8_block_matmul(
+    x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, out_dtype=jnp.bfloat16,
+    bias: jax.Array | None = None, implementation: str | None = None, config: GemmConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Block-scaled int8 GEMM: x_q [M, K] with x_scale [ceil(M/128), ceil(K/128)] times w_q [N, K] with w_scale
+    [ceil(N/128), ceil(K/128)] -> [M, N] out_dtype, exact int32 per 128-wide K block, fp32 across blocks; bias [N]
+    is added after the rounding to out_dtype. config: the Triton kernel's launch parameters."""
+    if _pick(implementation) == "triton":
+        return triton.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype, bias=bias,
+                                        config=config or GemmConfig(), interpret=interpret)
+    return reference.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype, bias=bias)
+
+
+def int8_linear(
+    x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Array | None = None, *,
+    implementation: str | None = None, config: GemmConfig | None = None, interpret: bool = False,
+) -> jax.Array:
+    """W8A8 linear: x [..., K] bf16/fp16 quantised per call in 128 x 128 tiles, times w_q [N, K] int8 with w_scale
+    [ceil(N/128), ceil(K/128)], rounded to x's dtype, + bias [N] in x's dtype -> [..., N]."""
+    if _pick(implementation) == "triton":
+        return triton.int8_linear(x, w_q, w_scale, bias, config=config or GemmConfig(), interpret=interpret)
+    return reference.int8_linear(x, w_q, w_scale, bias)
+
+
+__all__ = [
+    "BLOCK",
+    "GemmConfig",
+    "IMPLEMENTATIONS",
+    "default_implementation",
+    "int8_block_matmul",
+    "int8_linear",
+    "num_blocks",
+    "quantize_blockwise",
+]

@@ -1,0 +1,151 @@
+"""W8A8 benchmark at the Wan DiT's linear shapes, every path timed in one process on one GPU.
+
+    python -m pallas_kernels.int8_matmul.bench            # the table of issue 7
+    python -m pallas_kernels.int8_matmul.bench --sweep    # also a GemmConfig sweep at K = N = 5120
+    python -m pallas_kernels.int8_matmul.bench --tokens 256 --interpret --iters 1   # CPU smoke run (times meaningless)
+
+Rows per (K, N), at M = --tokens (32760: 480p): the XLA bf16 dot (cuBLASLt; the baseline); the XLA int8 dot (s8 x s8 ->
+s32 with preferred_element_type=int32: cuBLASLt IMMA, no scales, so the ceiling); our W8A8 linear (activation
+quantisation + block-scaled GEMM + bias, Pallas-Triton) and its two kernels alone; the pure-XLA reference W8A8.
+Times are medians of --iters calls after a warm-up; rates count 2 M N K operations. Goals (issue 7): W8A8 >= 1.5x the
+bf16 dot and >= 0.9x the int8 dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.int8_matmul import reference, triton
+from pallas_kernels.int8_matmul.triton import GemmConfig
+
+TOKENS = 32760
+SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]  # (K, N)
+DOT = (((1,), (1,)), ((), ()))  # A [M, K] . B [N, K]^T
+
+
+def bench(fn, *args, iters: int) -> float:
+    """Median wall time in ms of fn(*args) (jitted), after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def inputs(m: int, k: int, n: int, seed: int = 0):
+    """bf16 activations x [M, K], weights w [N, K] and bias [N]; the weights quantised once, as at load."""
+    kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(kw, (n, k), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    bias = (0.02 * jax.random.normal(kb, (n,), jnp.float32)).astype(jnp.bfloat16)
+    w_q, w_scale = jax.jit(reference.quantize_blockwise)(w)
+    return x, w, bias, w_q, w_scale
+
+
+def rel(a, b) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+def table(m: int, iters: int, config: GemmConfig, with_reference: bool, interpret: bool) -> list[dict]:
+    bf16_dot = jax.jit(lambda x, w: jax.lax.dot_general(x, w, DOT))
+    int8_dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, DOT, preferred_element_type=jnp.int32))
+    ours = jax.jit(functools.partial(triton.int8_linear, config=config, interpret=interpret))
+    quantize = jax.jit(functools.partial(triton.quantize_blockwise, interpret=interpret))
+    gemm = jax.jit(functools.partial(triton.int8_block_matmul, config=config, interpret=interpret))
+    rows = []
+    for k, n in SHAPES:
+        x, w, bias, w_q, w_scale = inputs(m, k, n)
+        x_q, x_scale = quantize(x)
+        ops = 2.0 * m * n * k
+
+        def row(path, ms, **extra):
+            rows.append(dict(k=k, n=n, path=path, ms=ms, tops=ops / ms / 1e9, **extra))
+            print(json.dumps(rows[-1]), flush=True)
+
+        t_bf16 = bench(bf16_dot, x, w, iters=iters)
+        row("XLA bf16 dot", t_bf16)
+        t_int8 = bench(int8_dot, x_q, w_q, iters=iters)
+        row("XLA int8 dot (s32 out, no scales)", t_int8)
+        t_ours = bench(ours, x, w_q, w_scale, bias, iters=iters)
+        out = ours(x, w_q, w_scale, bias)
+        diff = {}
+        if with_reference:
+            ref_fn = jax.jit(reference.int8_linear)
+            diff = dict(rel_diff_vs_reference=rel(out, ref_fn(x, w_q, w_scale, bias)))
+            row("W8A8, pure-XLA reference", bench(ref_fn, x, w_q, w_scale, bias, iters=max(2, iters // 3)))
+        row("W8A8 (quantise + block-scaled GEMM + bias), Triton", t_ours, vs_bf16=t_bf16 / t_ours,
+            vs_int8=t_int8 / t_ours, **diff)
+        row("  quantiser alone (Triton)", bench(quantize, x, iters=iters))
+        row("  block-scaled GEMM alone (Triton)", bench(gemm, x_q, x_scale, w_q, w_scale, iters=iters))
+    return rows
+
+
+def sweep(m: int, iters: int) -> list[dict]:
+    """GemmConfig candidates for the GEMM alone at K = N = 5120."""
+    k = n = 5120
+    x, _, _, w_q, w_scale = inputs(m, k, n)
+    x_q, x_scale = jax.jit(triton.quantize_blockwise)(x)
+    rows = []
+    for bm in (64, 128):
+        for bn in (128, 256):
+            for warps in (4, 8):
+                for stages in (3, 4):
+                    for i2f in ("bits", "convert"):
+                        cfg = GemmConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, int_to_float=i2f)
+                        fn = jax.jit(functools.partial(triton.int8_block_matmul, config=cfg))
+                        try:
+                            ms = bench(fn, x_q, x_scale, w_q, w_scale, iters=iters)
+                        except Exception as e:  # a config the compiler rejects (shared memory) is reported, not fatal
+                            ms = float("nan")
+                            print(f"{cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        rows.append(dict(config=dataclasses.asdict(cfg), ms=ms, tops=2.0 * m * n * k / ms / 1e9))
+                        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=TOKENS, help="M, the rows of x (75600 for 720p)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--block-m", type=int, default=GemmConfig.block_m)
+    p.add_argument("--block-n", type=int, default=GemmConfig.block_n)
+    p.add_argument("--num-warps", type=int, default=GemmConfig.num_warps)
+    p.add_argument("--num-stages", type=int, default=GemmConfig.num_stages)
+    p.add_argument("--int-to-float", default=GemmConfig.int_to_float, choices=("bits", "convert"))
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the pure-XLA reference rows")
+    p.add_argument("--interpret", action="store_true", help="Triton kernels in the Pallas interpreter (CPU smoke run)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    config = GemmConfig(block_m=args.block_m, block_n=args.block_n, num_warps=args.num_warps,
+                        num_stages=args.num_stages, int_to_float=args.int_to_float)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, M = {args.tokens}, {config}")
+    out = {"sweep": sweep(args.tokens, args.iters)} if args.sweep else {}
+    out["table"] = table(args.tokens, args.iters, config, not args.no_reference, args.interpret)
+    print("\n| K | N | path | ms | TOP/s | vs XLA bf16 | vs XLA int8 | rel. diff vs reference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in out["table"]:
+        vs_bf16 = f"{r['vs_bf16']:.2f}x" if "vs_bf16" in r else ""
+        vs_int8 = f"{r['vs_int8']:.2f}x" if "vs_int8" in r else ""
+        diff = f"{r['rel_diff_vs_reference']:.1e}" if "rel_diff_vs_reference" in r else ""
+        print(f"| {r['k']} | {r['n']} | {r['path']} | {r['ms']:.3f} | {r['tops']:.0f} | {vs_bf16} | {vs_int8} "
+              f"| {diff} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
