@@ -52,7 +52,7 @@ def convert(
         "model": dataclasses.asdict(det.config),
         "preset": det.preset,
         "source": _source_meta(files, layout, tensors, progress),
-        "quantization": {"scheme": "w8a8-int8", "block": [128, 128]} if det.quantized else None,
+        "quantization": checkpoint.QUANTIZATION if det.quantized else None,
     }
     blocks = (layouts.block_tree(tensors, i) for i in range(det.config.num_layers))
     return checkpoint.write_checkpoint(

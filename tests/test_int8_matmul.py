@@ -1,5 +1,6 @@
 """W8A8 int8 linear (acceleration.md 5): the quantiser and the block-scaled GEMM of every implementation against an
-independent NumPy transcription of the spec and the golden -quant fixture.
+independent NumPy transcription of the spec, the golden -quant fixture, the DiT with W8A8 block Linears,
+`load_dit(linears=...)` and `turbojax-quantize`.
 
 On CPU the Pallas-Triton kernels run in interpret mode; on a GPU the same cases run compiled
 (`pytest -m "gpu or not gpu" tests/test_int8_matmul.py`), plus the `gpu`-marked tests at the benchmark's shapes.
@@ -8,6 +9,10 @@ On CPU the Pallas-Triton kernels run in interpret mode; on a GPU the same cases 
 from __future__ import annotations
 
 import functools
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -15,10 +20,17 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
+import turbojax
+from convert.cli import convert
 from convert.pth import load_pth
 from pallas_kernels import int8_matmul
 from pallas_kernels.int8_matmul import reference, triton
+from turbojax import checkpoint
+from turbojax.models import wan_dit
+from turbojax.quantize import main as quantize_main
+from turbojax.quantize import quantize_checkpoint
 
 ON_GPU = jax.default_backend() == "gpu"
 IMPLS = ["reference", "triton"]
@@ -308,6 +320,195 @@ def test_triton_kernels_lower_to_triton_ir_for_an_h100(config):
             assert "__gpu$xla.gpu.triton" in text
 
 
+# --- the DiT with W8A8 block Linears -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8_converted")
+    return {name: convert([str(src)], str(root / name), progress=False)
+            for name, src in (("bf16", TURBO_PTH), ("quant", QUANT_PTH))}
+
+
+def _io():
+    return np.load(FIXTURES / "turbo_t2v_quant" / "io.npz")
+
+
+def _forward(path, **kw) -> np.ndarray:
+    io = _io()
+    dit = turbojax.load_dit(path, progress=False, **kw)
+    args = (jnp.asarray(io["latents"]), jnp.asarray(io["timestep"]), jnp.asarray(io["context"]))
+    return np.asarray(jax.jit(dit.__call__)(*args))
+
+
+def _tile_ids(m: int, k: int) -> jax.Array:
+    return (jnp.arange(m)[:, None] // 128) * (-(-k // 128)) + jnp.arange(k)[None, :] // 128
+
+
+def _fake_quant_linear(x, w_q, w_scale, bias, *, round_fn=jnp.round, divisor=128.0, per="tile", wrap=False):
+    """W8A8 written as fake quantisation, independently of the implementation: x's 128 x 128 tile amax by segment
+    max over element tile ids, dequantised x and w multiplied in fp32, then bf16 rounding and the bf16 bias add.
+    The keyword arguments make the wrong variants the DiT test must tell apart."""
+    k, n = x.shape[-1], w_q.shape[0]
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    ids = _tile_ids(*x2.shape) if per == "tile" else jnp.zeros(x2.shape, jnp.int32)
+    if per == "token":
+        ids = jnp.broadcast_to(jnp.arange(x2.shape[0])[:, None], x2.shape)
+    amax = jax.ops.segment_max(jnp.abs(x2).ravel(), ids.ravel(), num_segments=x2.size)[ids]
+    amax = jnp.maximum(amax, jnp.float32(1e-8))
+    v = round_fn(x2 * (jnp.float32(divisor) / amax))
+    xq = (v + 128) % 256 - 128 if wrap else jnp.clip(v, -128, 127)
+    ws = jnp.repeat(jnp.repeat(w_scale, 128, 0), 128, 1)[:n, :k]
+    y = jnp.dot(xq * (amax / 128), (w_q.astype(jnp.float32) * ws).T, precision=jax.lax.Precision.HIGHEST)
+    y = reference.exact_f32(y.astype(x.dtype)) + bias.astype(x.dtype).astype(jnp.float32)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+WRONG_VARIANTS = {  # measured distance from the correct output: 7.6e-3 (half away) to 0.5 (wraparound)
+    "per-tensor scale": dict(per="tensor"),
+    "per-token scale": dict(per="token"),
+    "round half away from zero": dict(round_fn=lambda v: jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)),
+    "truncation": dict(round_fn=jnp.trunc),
+    "divisor 127": dict(divisor=127.0),
+    "int8 wraparound instead of saturation": dict(wrap=True),
+}
+TRANSCRIPTION_TOL = 1e-3  # measured 0.0 on CPU (every K here is one block); the wrong variants start at 7.6e-3
+
+
+def test_w8a8_dit_matches_an_independent_transcription(converted, monkeypatch):
+    """The -quant DiT with W8A8 block Linears equals the same network with the test's fake-quantisation linear
+    patched in, and each wrong variant of the quantiser lands outside the tolerance."""
+    out = _forward(converted["quant"])
+    monkeypatch.setattr(wan_dit.int8_matmul, "int8_linear", _fake_quant_linear)
+    want = _forward(converted["quant"])
+    assert _rel(out, want) <= TRANSCRIPTION_TOL
+    for name, kw in WRONG_VARIANTS.items():
+        monkeypatch.setattr(wan_dit.int8_matmul, "int8_linear", functools.partial(_fake_quant_linear, **kw))
+        assert _rel(_forward(converted["quant"]), out) > 5 * TRANSCRIPTION_TOL, name
+
+
+def test_w8a8_dit_is_near_the_dequantised_network_and_the_oracle(converted):
+    """Activation quantisation moves the tiny network's output by ~1.2e-2 (measured) from the same network with
+    dequantised weights in bf16, and by ~1.0e-2 from the fp32 oracle (dequantised weights, fp32): inside the 3e-2
+    bf16 budget of the float path, and clearly nonzero (activations really are quantised)."""
+    io = _io()
+    w8a8 = _forward(converted["quant"])
+    dequantised = _forward(converted["quant"], linears="float")
+    assert 3e-3 < _rel(w8a8, dequantised) < 3e-2
+    assert _rel(w8a8, io["velocity"]) < 3e-2
+    assert _rel(dequantised, io["velocity"]) < 1e-2
+
+
+def test_load_dit_linears(converted, tmp_path):
+    quant = load_pth(QUANT_PTH)
+    dit = turbojax.load_dit(converted["quant"], progress=False)
+    assert dit.linears == "w8a8" and dit.blocks.ffn.fc1.weight is None
+    np.testing.assert_array_equal(np.asarray(dit.blocks.ffn.fc1.int8_weight[...])[1],
+                                  quant["blocks.1.ffn.0.int8_weight"])
+    np.testing.assert_array_equal(np.asarray(dit.blocks.cross_attn.o.scale[...])[0], quant["blocks.0.cross_attn.o.scale"])
+    assert dit.blocks.self_attn.proj_l.weight[...].dtype == jnp.bfloat16  # never quantised
+    assert dit.patch_embedding.weight[...].dtype == jnp.bfloat16
+
+    fp = turbojax.load_dit(converted["quant"], linears="float", dtype=jnp.float32, progress=False)
+    np.testing.assert_array_equal(np.asarray(fp.blocks.self_attn.k.weight[...])[0], checkpoint.dequantize(
+        quant["blocks.0.self_attn.k.int8_weight"], quant["blocks.0.self_attn.k.scale"]))
+    with pytest.raises(ValueError, match="W8A8 linears quantise bf16 or fp16 activations"):
+        turbojax.load_dit(converted["quant"], dtype=jnp.float32, progress=False)
+    with pytest.raises(ValueError, match="linears must be one of"):
+        turbojax.load_dit(converted["quant"], linears="int4", progress=False)
+
+    at_load = turbojax.load_dit(converted["bf16"], linears="w8a8", progress=False)
+    for group, name in wan_dit.QUANT_LINEARS:
+        a, b = getattr(getattr(at_load.blocks, group), name), getattr(getattr(dit.blocks, group), name)
+        for param in ("int8_weight", "scale", "bias"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, param)[...]), np.asarray(getattr(b, param)[...]))
+    np.testing.assert_array_equal(_forward(converted["bf16"], linears="w8a8"), _forward(converted["quant"]))
+
+    odd = tmp_path / "odd"
+    shutil.copytree(converted["quant"], odd)
+    meta = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**meta, "quantization": {"scheme": "nf4", "block": [64, 64]}}))
+    with pytest.raises(checkpoint.CheckpointFormatError, match="quantization"):
+        turbojax.load_dit(odd, progress=False)
+
+
+def test_random_w8a8_dit_runs():
+    cfg = turbojax.get_preset("tiny")
+    dit = nnx.jit(lambda: turbojax.WanDiT(cfg, linears="w8a8", rngs=nnx.Rngs(0)))()
+    out = nnx.jit(lambda m, *a: m(*a))(dit, jnp.zeros((1, 16, 1, 4, 4)), jnp.array([500.0]),
+                                       jnp.ones((1, 8, cfg.text_dim)))
+    assert out.shape == (1, 16, 1, 4, 4) and np.isfinite(np.asarray(out)).all()
+    assert dit.blocks.self_attn.q.int8_weight[...].dtype == jnp.int8
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        turbojax.WanDiT(cfg, dtype=jnp.float32, linears="w8a8", rngs=nnx.Rngs(0))
+
+
+# --- turbojax-quantize ---------------------------------------------------------------------------------------------
+
+def _leaves(tree) -> dict:
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_same_folder(a: Path, b: Path) -> None:
+    for rel in ["params/embeddings"] + [f"params/blocks/{p.name}" for p in sorted((b / "params/blocks").iterdir())]:
+        la, lb = _leaves(checkpoint._restore_tree(a / rel)), _leaves(checkpoint._restore_tree(b / rel))
+        assert la.keys() == lb.keys(), rel
+        for key in la:
+            assert la[key].dtype == lb[key].dtype, (rel, key)
+            np.testing.assert_array_equal(la[key], lb[key], err_msg=f"{rel} {key}")
+
+
+def test_quantize_cli_output_equals_the_converted_quant_fixture(converted, tmp_path, capsys):
+    out = tmp_path / "w8a8"
+    assert quantize_main([str(converted["bf16"]), "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (W8A8 int8, 10 Linears per block")
+    _assert_same_folder(out, converted["quant"])
+    meta, want = checkpoint.read_meta(out), checkpoint.read_meta(converted["quant"])
+    assert meta["model"] == want["model"] and meta["quantization"] == want["quantization"] == checkpoint.QUANTIZATION
+    assert meta["quantized_from"] == {"path": str(converted["bf16"]), "tool": "turbojax-quantize"}
+    assert meta["source"] == checkpoint.read_meta(converted["bf16"])["source"]
+
+
+def test_quantize_streams_a_block_at_a_time(converted, tmp_path, monkeypatch):
+    import turbojax.quantize as tq
+
+    events = []
+    read, save = tq._quantized_block, checkpoint._save_tree
+    monkeypatch.setattr(tq, "_quantized_block", lambda src, i: events.append(f"read {i}") or read(src, i))
+    monkeypatch.setattr(checkpoint, "_save_tree", lambda path, tree: events.append(f"save {path.name}") or
+                        save(path, tree))
+    quantize_checkpoint(converted["bf16"], tmp_path / "out", progress=False)
+    assert events == ["save embeddings", "read 0", "save 000", "read 1", "save 001"]
+
+
+def test_quantize_cli_errors_are_one_line_and_write_nothing(converted, tmp_path, capsys):
+    def run(src, out) -> str:
+        assert quantize_main([str(src), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("turbojax-quantize: error: ")
+        return err[0]
+
+    assert "already W8A8" in run(converted["quant"], tmp_path / "a")
+    assert "not a converted turbojax checkpoint" in run(tmp_path / "nowhere", tmp_path / "b")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    assert "already exists" in run(converted["bf16"], exists)
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"format": checkpoint.VAE_FORMAT}))
+    assert "turbojax-dit/1" in run(vae, tmp_path / "c")
+    holed = tmp_path / "holed"
+    shutil.copytree(converted["bf16"], holed)
+    shutil.rmtree(holed / "params" / "blocks" / "001")
+    assert "block 1 is missing" in run(holed, tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "holed", "vae"]
+
+
+def test_quantize_module_runs_as_a_script():
+    out = subprocess.run([sys.executable, "-m", "turbojax.quantize", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0 and "turbojax-quantize" in out.stdout
+
+
 # --- GPU: the compiled kernels at the benchmark's shapes -----------------------------------------------------------
 
 BENCH_M = 32760
@@ -342,3 +543,21 @@ def test_gpu_gemm_matches_reference_at_bench_shapes(k, n):
 def test_gpu_block_sums_exact_at_bench_rows():
     assert ON_GPU, "needs a GPU"
     _check_block_sums_exact("triton", BENCH_M, 1024, 256)
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_dit_triton_matches_reference_at_real_width(monkeypatch):
+    """A 2-block 1.3B DiT at 480p with W8A8 block Linears: the Triton kernels (the GPU default) against the
+    reference implementation of the same semantics."""
+    assert ON_GPU, "needs a GPU"
+    cfg = turbojax.get_preset("wan2.1-t2v-1.3b").replace(num_layers=2)
+    dit = nnx.jit(lambda: turbojax.WanDiT(cfg, linears="w8a8", rngs=nnx.Rngs(0)))()
+    keys = jax.random.split(jax.random.key(1), 2)
+    x = jax.random.normal(keys[0], (1, 16, 21, 60, 104), jnp.bfloat16)
+    ctx = jax.random.normal(keys[1], (1, 512, 4096), jnp.bfloat16)
+    t = jnp.array([988.0])
+    out = np.asarray(nnx.jit(lambda m, *a: m(*a))(dit, x, t, ctx))
+    monkeypatch.setattr(int8_matmul, "default_implementation", lambda: "reference")
+    ref = np.asarray(nnx.jit(lambda m, *a: m(*a))(dit, x, t, ctx))
+    assert np.isfinite(out).all()
+    assert _rel(out, ref) < 3e-2

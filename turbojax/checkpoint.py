@@ -35,14 +35,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from pallas_kernels.int8_matmul import reference as int8_reference
 from turbojax.models.attention import AttentionSpec, as_spec
 from turbojax.models.config import WanConfig
 from turbojax.models.vae import VAEConfig, WanVAE
-from turbojax.models.wan_dit import WanDiT
+from turbojax.models.wan_dit import QUANT_LINEARS, WanDiT, check_linears
 
 FORMAT = "turbojax-dit/1"
 VAE_FORMAT = "turbojax-vae/1"
-QUANT_BLOCK = 128
+QUANT_BLOCK = int8_reference.BLOCK
+# config.json's "quantization" of a W8A8 folder (TurboDiffusion's -quant layout); null for float checkpoints.
+QUANTIZATION = {"scheme": "w8a8-int8", "block": [QUANT_BLOCK, QUANT_BLOCK]}
+QUANT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 log = logging.getLogger(__name__)
 
 
@@ -150,6 +154,44 @@ def _dequantize_tree(tree: dict) -> dict:
     return {k: _dequantize_tree(v) for k, v in tree.items()}
 
 
+_quantize_jit = jax.jit(int8_reference.quantize_blockwise)
+
+
+def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A Linear weight [N, K] -> (int8 [N, K], scale fp32 [ceil(N/128), ceil(K/128)]) with TurboDiffusion's
+    quantiser (acceleration.md 5.2). bf16/fp16 weights are quantised as they are; other dtypes are first rounded to
+    bf16, the dtype TurboDiffusion's network holds them in when its -quant files are made."""
+    w = np.asarray(weight)
+    if w.dtype not in QUANT_DTYPES:
+        w = w.astype(jnp.bfloat16)
+    q, s = _quantize_jit(w)
+    return np.asarray(q), np.asarray(s)
+
+
+def quantize_linears(tree: dict) -> dict:
+    """A restored block tree with its float QUANT_LINEARS as W8A8: {int8_weight, scale, bias} with the bias in the
+    dtype the weight was quantised from (bf16 unless fp16), as TurboDiffusion's Int8Linear.from_linear stores it.
+    Trees without those Linears (the embeddings) and Linears already int8 pass through unchanged."""
+    out = dict(tree)
+    for group, name in QUANT_LINEARS:
+        lin = tree.get(group, {}).get(name)
+        if lin is None or "weight" not in lin:
+            continue
+        q, s = quantize_weight(lin["weight"])
+        bias_dtype = lin["weight"].dtype if lin["weight"].dtype in QUANT_DTYPES else np.dtype(jnp.bfloat16)
+        out[group] = {**out[group], name: {"int8_weight": q, "scale": s,
+                                           "bias": np.asarray(lin["bias"]).astype(bias_dtype)}}
+    return out
+
+
+def is_quantized(meta: dict, path) -> bool:
+    """Whether a converted DiT folder's config.json says W8A8, refusing quantisation schemes this loader cannot read."""
+    q = meta.get("quantization")
+    if q is not None and q != QUANTIZATION:
+        raise CheckpointFormatError(f"{path}/config.json has quantization {q!r}; this loader reads {QUANTIZATION!r}")
+    return q is not None
+
+
 def _flatten(tree: dict, prefix=()) -> dict[tuple, np.ndarray]:
     out = {}
     for k, v in tree.items():
@@ -166,29 +208,35 @@ def load_dit(
     attention: str | AttentionSpec = "dense",
     dtype=jnp.bfloat16,
     residual_dtype=None,
+    linears: str | None = None,
     progress: bool = True,
 ) -> WanDiT:
     """Loads a converted DiT folder as a callable WanDiT on the default device.
 
     dtype is the matmul/activation dtype (bf16 for real use, fp32 for parity checks); norm weights, modulation, the
     time embedding and the head stay fp32. residual_dtype defaults to the checkpoint family's (bf16 for
-    TurboDiffusion, fp32 for stock Wan). `-quant` checkpoints are dequantised here until the W8A8 kernels land."""
+    TurboDiffusion, fp32 for stock Wan).
+    linears picks how the 10 block Linears run (wan_dit.QUANT_LINEARS; every other Linear stays float):
+      "w8a8"   TurboDiffusion's W8A8: int8 weights with 128 x 128 tile scales, activations quantised on every call,
+               the Pallas int8 GEMM on GPUs. A -quant folder's int8 weights are kept as they are; a float folder's
+               are quantised at load with TurboDiffusion's quantiser (what `turbojax-quantize` writes). Needs a
+               bf16/fp16 dtype.
+      "float"  weights in dtype; a -quant folder's are dequantised (int8 * scale).
+      None     follows the folder: "w8a8" for a -quant checkpoint (config.json "quantization"), else "float"."""
     path = Path(path)
     meta = read_meta(path)
     cfg = config_from_meta(meta)
+    quantized = is_quantized(meta, path)
+    linears = linears or ("w8a8" if quantized else "float")
+    check_linears(linears, dtype)
     spec = as_spec(attention)
     if spec.kind == "sla" and not cfg.sla_proj:
         warnings.warn(f"{path} has no SLA proj_l weights (not an SLA-tuned checkpoint): SLA runs its sparse branch only")
 
-    abstract = nnx.eval_shape(
-        lambda: WanDiT(cfg, dtype=dtype, residual_dtype=residual_dtype, attention=spec, rngs=nnx.Rngs(0))
-    )
-    if meta.get("quantization") is not None:
-        warnings.warn(
-            f"{path} holds W8A8 int8 weights; they are dequantised to {jnp.dtype(dtype).name} at load until the "
-            "Pallas int8 GEMM is available"
-        )
-    return restore_module(path, abstract, cfg.num_layers, transform=_dequantize_tree, progress=progress)
+    abstract = nnx.eval_shape(lambda: WanDiT(cfg, dtype=dtype, residual_dtype=residual_dtype, attention=spec,
+                                             linears=linears, rngs=nnx.Rngs(0)))
+    transform = {(True, "float"): _dequantize_tree, (False, "w8a8"): quantize_linears}.get((quantized, linears))
+    return restore_module(path, abstract, cfg.num_layers, transform=transform, progress=progress)
 
 
 def restore_module(path: Path, abstract: nnx.Module, num_blocks: int, *, transform=None, progress: bool = True):

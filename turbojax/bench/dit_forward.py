@@ -1,9 +1,12 @@
 """DiT forward latency at real shapes, random weights, every attention path timed in the same process.
 
     python -m turbojax.bench.dit_forward --preset wan2.1-t2v-1.3b --res 480p --attention dense_cudnn dense_xla
+    python -m turbojax.bench.dit_forward --preset wan2.1-t2v-14b --attention sla --linears float w8a8   # W8A8 vs bf16
 
 Prints a markdown table (median of --iters timed calls after one warm-up; compile time; the compiled program's
-device memory) and the relative difference of each path's output to the first path's, as a sanity check.
+device memory) and the relative difference of each path's output to the first path's, as a sanity check. With
+--linears float w8a8 the W8A8 model is the bf16 one with its block Linears quantised (same seed), so its difference
+to the first row is the quantisation error and its params GiB the memory saved.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ def latent_shape(cfg: turbojax.WanConfig, res: str, frames: int, batch: int = 1)
     return batch, cfg.in_dim, 1 + (frames - 1) // 4, h // 8, w // 8
 
 
-def random_dit(cfg: turbojax.WanConfig, seed: int = 0) -> turbojax.WanDiT:
+def random_dit(cfg: turbojax.WanConfig, seed: int = 0, linears: str = "float") -> turbojax.WanDiT:
     """A bf16 DiT with random weights, initialised on the device in one compiled program."""
-    return nnx.jit(lambda: turbojax.WanDiT(cfg, rngs=nnx.Rngs(seed)))()
+    return nnx.jit(lambda: turbojax.WanDiT(cfg, linears=linears, rngs=nnx.Rngs(seed)))()
 
 
 def time_forward(dit: turbojax.WanDiT, inputs: tuple, iters: int) -> dict:
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--res", default="480p", choices=sorted(RESOLUTIONS))
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--attention", nargs="+", default=["dense_cudnn", "dense_xla"])
+    p.add_argument("--linears", nargs="+", default=["float"], choices=["float", "w8a8"],
+                   help="block Linears: bf16, or W8A8 int8 (the Pallas int8 GEMM on GPUs)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--sampler-steps", type=int, default=0,
                    help="also time the whole jitted rCM sampler with this many steps (first attention path)")
@@ -74,7 +79,6 @@ def main(argv=None) -> int:
     rows = []
     for preset in args.preset:
         cfg = turbojax.get_preset(preset)
-        dit = random_dit(cfg)
         shape = latent_shape(cfg, args.res, args.frames)
         keys = jax.random.split(jax.random.key(1), 2)
         inputs = (
@@ -84,27 +88,30 @@ def main(argv=None) -> int:
         )
         n_tok = shape[2] * (shape[3] // 2) * (shape[4] // 2)
         first = None
-        for name in args.attention:
-            dit.attention = as_spec(name)
-            r = time_forward(dit, inputs, args.iters)
-            out = np.asarray(r.pop("out"), np.float32)
-            if first is None:
-                first, r["rel_diff_vs_first"] = out, 0.0
-            else:
-                r["rel_diff_vs_first"] = float(np.abs(out - first).max() / np.abs(first).max())
-            r.update(preset=preset, res=args.res, tokens=n_tok, attention=name)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+        for linears in args.linears:
+            dit = random_dit(cfg, linears=linears)
+            for name in args.attention:
+                dit.attention = as_spec(name)
+                r = time_forward(dit, inputs, args.iters)
+                out = np.asarray(r.pop("out"), np.float32)
+                if first is None:
+                    first, r["rel_diff_vs_first"] = out, 0.0
+                else:
+                    r["rel_diff_vs_first"] = float(np.abs(out - first).max() / np.abs(first).max())
+                r.update(preset=preset, res=args.res, tokens=n_tok, attention=name, linears=linears)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
         if args.sampler_steps:
             dit.attention = as_spec(args.attention[0])
             r = time_sampler(dit, inputs[2], shape, args.sampler_steps, args.iters)
-            r.update(preset=preset, res=args.res, tokens=n_tok, attention=f"{args.attention[0]}, "
-                     f"{args.sampler_steps}-step rCM sampler")
+            r.update(preset=preset, res=args.res, tokens=n_tok, linears=args.linears[-1],
+                     attention=f"{args.attention[0]}, {args.sampler_steps}-step rCM sampler")
             rows.append(r)
             print(json.dumps(r), flush=True)
         del dit
 
     report(rows, {"preset": "{preset}", "res": "{res}", "tokens": "{tokens}", "attention": "{attention}",
+                  "linears": "{linears}",
                   "forward median (ms)": "{median_ms:.1f}", "min (ms)": "{min_ms:.1f}",
                   "compile (s)": "{compile_s:.1f}", "temp GiB": "{temp_gib:.2f}", "params GiB": "{args_gib:.2f}",
                   "rel. diff vs first": "{rel_diff_vs_first:.2e}"}, args.json)

@@ -12,11 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import int8_matmul
 from turbojax.models import layers
 from turbojax.models.attention import AttentionSpec, dense, self_attention
 from turbojax.models.config import WanConfig
 
 f32 = jnp.float32
+LINEARS = ("float", "w8a8")
+# The block Linears TurboDiffusion's -quant checkpoints hold as W8A8 (acceleration.md 5.4): every nn.Linear inside the
+# blocks except SLA's proj_l. Paths inside a block.
+QUANT_LINEARS = tuple((a, p) for a in ("self_attn", "cross_attn") for p in "qkvo") + (("ffn", "fc1"), ("ffn", "fc2"))
 
 
 def _normal(rngs: nnx.Rngs, shape, std, dtype):
@@ -24,14 +29,29 @@ def _normal(rngs: nnx.Rngs, shape, std, dtype):
 
 
 class Linear(nnx.Module):
-    """y = x W^T + b with W [out, in]; fp32 accumulation, one rounding to the requested dtype."""
+    """y = x W^T + b with W [out, in]; fp32 accumulation, one rounding to the requested dtype.
 
-    def __init__(self, n_in: int, n_out: int, *, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(_normal(rngs, (n_out, n_in), n_in**-0.5, dtype))
+    quantized=True is TurboDiffusion's W8A8 Int8Linear (acceleration.md 5): int8_weight [out, in] with one fp32
+    scale per 128 x 128 tile, scale [ceil(out/128), ceil(in/128)], and the bias in `dtype` (bf16/fp16). Each call
+    quantises x in 128-token x 128-channel tiles and runs the block-scaled int8 GEMM (`pallas_kernels.int8_matmul`:
+    the Pallas-Triton kernels on a GPU, the reference elsewhere); the result is rounded to `dtype` before the bias
+    add, then cast to the requested dtype."""
+
+    def __init__(self, n_in: int, n_out: int, *, dtype, rngs: nnx.Rngs, quantized: bool = False):
+        w = _normal(rngs, (n_out, n_in), n_in**-0.5, dtype)
+        if quantized:
+            q, s = int8_matmul.quantize_blockwise(w, implementation="reference")
+            self.int8_weight, self.scale, self.weight = nnx.Param(q), nnx.Param(s), None
+        else:
+            self.weight, self.int8_weight, self.scale = nnx.Param(w), None, None
         self.bias = nnx.Param(_normal(rngs, (n_out,), 0.02, dtype))
 
     def __call__(self, x: jax.Array, out_dtype) -> jax.Array:
-        return layers.linear(x, self.weight[...], self.bias[...], out_dtype)
+        if self.weight is not None:
+            return layers.linear(x, self.weight[...], self.bias[...], out_dtype)
+        bias = self.bias[...]
+        y = int8_matmul.int8_linear(x.astype(bias.dtype), self.int8_weight[...], self.scale[...], bias)
+        return y.astype(out_dtype)
 
 
 class Scale(nnx.Module):
@@ -53,9 +73,9 @@ class MLP(nnx.Module):
 class CrossAttention(nnx.Module):
     """q, k, v, o projections and the q/k RMSNorm weights (over the full width, before the head split)."""
 
-    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs, quantized: bool = False):
         d = cfg.dim
-        self.q, self.k, self.v, self.o = (Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
+        self.q, self.k, self.v, self.o = (Linear(d, d, dtype=dtype, rngs=rngs, quantized=quantized) for _ in range(4))
         self.norm_q = Scale(d, bias=False, rngs=rngs)
         self.norm_k = Scale(d, bias=False, rngs=rngs)
 
@@ -63,26 +83,27 @@ class CrossAttention(nnx.Module):
 class SelfAttention(CrossAttention):
     """The cross-attention's parameters plus SLA's proj_l, shared by the heads of the layer."""
 
-    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
-        super().__init__(cfg, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs, quantized: bool = False):
+        super().__init__(cfg, dtype=dtype, rngs=rngs, quantized=quantized)
         self.proj_l = Linear(cfg.head_dim, cfg.head_dim, dtype=dtype, rngs=rngs) if cfg.sla_proj else None
 
 
 class FFN(nnx.Module):
-    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = Linear(cfg.dim, cfg.ffn_dim, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(cfg.ffn_dim, cfg.dim, dtype=dtype, rngs=rngs)
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs, quantized: bool = False):
+        self.fc1 = Linear(cfg.dim, cfg.ffn_dim, dtype=dtype, rngs=rngs, quantized=quantized)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.dim, dtype=dtype, rngs=rngs, quantized=quantized)
 
 
 class WanBlock(nnx.Module):
-    """One transformer block: modulated self-attention, cross-attention over the text, modulated FFN."""
+    """One transformer block: modulated self-attention, cross-attention over the text, modulated FFN. quantized: the
+    QUANT_LINEARS are W8A8."""
 
-    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: WanConfig, *, dtype, rngs: nnx.Rngs, quantized: bool = False):
         self.modulation = nnx.Param(_normal(rngs, (1, 6, cfg.dim), cfg.dim**-0.5, f32))
-        self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs, quantized=quantized)
         self.norm3 = Scale(cfg.dim, bias=True, rngs=rngs)
-        self.cross_attn = CrossAttention(cfg, dtype=dtype, rngs=rngs)
-        self.ffn = FFN(cfg, dtype=dtype, rngs=rngs)
+        self.cross_attn = CrossAttention(cfg, dtype=dtype, rngs=rngs, quantized=quantized)
+        self.ffn = FFN(cfg, dtype=dtype, rngs=rngs, quantized=quantized)
 
 
 class Head(nnx.Module):
@@ -96,6 +117,10 @@ class WanDiT(nnx.Module):
 
     cond is the I2V condition [B, in_dim - 16, T, H, W] (4 mask + 16 image-latent channels), concatenated after the
     noise channels. timestep is the value the net sees (the rCM sampler passes bf16(1000 t)). Output is fp32.
+
+    linears="w8a8" makes the 10 block Linears of QUANT_LINEARS TurboDiffusion's W8A8 Int8Linear (int8 weights with
+    128 x 128 tile scales, activations quantised per call; needs a bf16/fp16 dtype); "float" keeps them in dtype.
+    Every other Linear (embeddings, time projection, head, SLA's proj_l) stays in float, as in TurboDiffusion.
     """
 
     def __init__(
@@ -105,10 +130,13 @@ class WanDiT(nnx.Module):
         dtype=jnp.bfloat16,
         residual_dtype=None,
         attention: AttentionSpec = AttentionSpec(),
+        linears: str = "float",
         rngs: nnx.Rngs,
     ):
+        check_linears(linears, dtype)
         self.cfg = cfg
         self.dtype = dtype
+        self.linears = linears
         self.residual_dtype = residual_dtype or (dtype if cfg.family == "turbodiffusion" else f32)
         self.attention = attention
         d = cfg.dim
@@ -120,7 +148,7 @@ class WanDiT(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs: nnx.Rngs):
-            return WanBlock(cfg, dtype=dtype, rngs=rngs)
+            return WanBlock(cfg, dtype=dtype, rngs=rngs, quantized=linears == "w8a8")
 
         self.blocks = make_blocks(rngs)
         self.head = Head(cfg, rngs=rngs)
@@ -210,6 +238,16 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, first, cfg: WanConfig,
     hf = layers.modulate(layers.layer_norm(x, cfg.eps).astype(x.dtype), m[:, 3], m[:, 4], dt)
     y = blk.ffn.fc2(layers.gelu_tanh(blk.ffn.fc1(hf, dt)), dt)
     return gated_add(x, y, m[:, 5])
+
+
+def check_linears(linears: str, dtype) -> None:
+    """linears is one of LINEARS, and W8A8 gets the bf16/fp16 activations its quantiser takes."""
+    if linears not in LINEARS:
+        raise ValueError(f"linears must be one of {', '.join(map(repr, LINEARS))}, got {linears!r}")
+    if linears == "w8a8" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"W8A8 linears quantise bf16 or fp16 activations, but dtype is {jnp.dtype(dtype).name}; use "
+                         "dtype=jnp.bfloat16, or linears='float' (a -quant checkpoint's int8 weights dequantised to "
+                         "dtype)")
 
 
 def _rms(x, scale: Scale, cfg: WanConfig, dtype):
