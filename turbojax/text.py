@@ -130,6 +130,13 @@ class TextEncoder:
     def loaded(self) -> bool:
         return self._state is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the weights (0 once unloaded): what a pipeline's memory plan counts."""
+        if self._state is None:
+            return 0
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self._state))
+
     def _weights(self):
         if self._state is None:
             raise RuntimeError("this text encoder was unloaded; load it again with turbojax.load_text_encoder")

@@ -44,18 +44,31 @@ def save_video(path: str | os.PathLike, video, *, fps: int = FPS) -> Path:
 
     The file appears only when complete: frames go to a temporary sibling that is renamed at the end and removed on
     any error, so a failure never leaves a partial mp4 (an existing file at `path` is kept until the rename)."""
-    path = Path(path)
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"{path}: save_video writes H.264 mp4; give a path ending in .mp4")
+    _check_mp4_path(path)
     video = np.asarray(jax.device_get(video))
     if video.ndim == 4:
         video = video[None]
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"video must be [3, T, H, W] or [B, 3, T, H, W], got shape {video.shape}")
     frames = tile_batch(video)  # [3, T, H, W']
-    _, t, h, w = frames.shape
-    if t < 1 or h % 2 or w % 2:
-        raise ValueError(f"video of {t} frames of {h}x{w}: need >= 1 frame and an even height and width (yuv420p)")
+    return write_mp4(path, (to_uint8(frames[:, i]).transpose(1, 2, 0) for i in range(frames.shape[1])),
+                     frames.shape[2:], fps=fps)
+
+
+def _check_mp4_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"{path}: turbojax writes H.264 mp4; give a path ending in .mp4")
+    return path
+
+
+def write_mp4(path: str | os.PathLike, frames, size: tuple[int, int], *, fps: int = FPS) -> Path:
+    """Writes uint8 RGB frames (an iterable of [H, W, 3], size = (H, W)) as an H.264 mp4, atomically like
+    save_video: under a temporary sibling name, renamed when complete, removed on any error."""
+    path = _check_mp4_path(path)
+    h, w = size
+    if h % 2 or w % 2:
+        raise ValueError(f"frames of {h}x{w}: need an even height and width (yuv420p)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.partial-{os.getpid()}{path.suffix}"
     try:
@@ -68,16 +81,44 @@ def save_video(path: str | os.PathLike, video, *, fps: int = FPS) -> Path:
             # JAX warns on every fork(); subprocess's fork is followed at once by exec of ffmpeg, which is safe.
             warnings.filterwarnings("ignore", "os.fork\\(\\) was called", RuntimeWarning)
             writer.send(None)  # starts ffmpeg
+        count = 0
         try:
-            for i in range(t):
-                writer.send(np.ascontiguousarray(to_uint8(frames[:, i]).transpose(1, 2, 0)))
+            for frame in frames:
+                if frame.shape != (h, w, 3) or frame.dtype != np.uint8:
+                    raise ValueError(f"frame {count} is {frame.dtype} {frame.shape}; expected uint8 {(h, w, 3)}")
+                writer.send(np.ascontiguousarray(frame))
+                count += 1
         finally:
             writer.close()
+        if count == 0:
+            raise ValueError("no frames to write: need at least 1")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _open_image(path: str | os.PathLike):
+    """The PIL image at path, opened lazily (a context manager), or one clear error: missing, unreadable, or samples
+    that RGB conversion would clip."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        img = Image.open(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as an image ({e})") from None
+    if img.mode not in IMAGE_MODES:
+        img.close()
+        raise ValueError(f"{path} is a {img.mode!r} image (16/32-bit or float samples); save it as 8-bit RGB first")
+    return img
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, with load_image's checks (the I2V adaptive resolution needs it first)."""
+    with _open_image(path) as img:
+        return img.size
 
 
 def load_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
@@ -88,17 +129,11 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
     antialiased resize reproduces it up to rounding); then uint8 / 255, normalised with mean 0.5 and std 0.5."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got height {height}, width {width}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            if img.mode not in IMAGE_MODES:
-                raise ValueError(f"{path} is a {img.mode!r} image (16/32-bit or float samples); save it as 8-bit "
-                                 "RGB first")
+    with _open_image(path) as img:
+        try:
             rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} cannot be read as an image ({e})") from None
+        except OSError as e:  # a truncated file fails only when its pixels are decoded
+            raise ValueError(f"{path} cannot be read as an image ({e})") from None
     u = np.asarray(rgb, np.uint8).transpose(2, 0, 1)
     return (u.astype(np.float32) / 255.0 - 0.5) / 0.5
 

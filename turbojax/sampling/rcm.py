@@ -58,6 +58,17 @@ class RCMSchedule:
 Denoiser = Callable[..., jax.Array]  # (x[B,C,T,H,W] bf16, timestep[B], context, cond) -> velocity fp32
 
 
+def rcm_step(mode: str, denoiser: Denoiser, x, t_cur, t_next, net_t, eps, context, cond) -> jax.Array:
+    """One rCM update of the state x [B, C, T, H, W] fp32 from RF time t_cur to t_next (fp32 scalars, traced or
+    not): the net sees bf16(x) at timestep net_t; SDE re-noises x0 = x - t_cur v with eps [B, C, T, H, W], ODE
+    takes an Euler step."""
+    v = denoiser(x.astype(jnp.bfloat16), jnp.full((x.shape[0],), net_t), context, cond).astype(jnp.float32)
+    if mode == "ode":
+        return x - (t_cur - t_next) * v
+    x0 = x - t_cur * v
+    return (1.0 - t_next) * x0 + t_next * eps
+
+
 def _steps(schedule: RCMSchedule, noise, context, cond, x, denoiser: Denoiser, step_ids: np.ndarray):
     """Runs the steps step_ids (static) of the schedule on state x [B, C, T, H, W] fp32 with one denoiser."""
     t = schedule.rf_times()
@@ -65,15 +76,9 @@ def _steps(schedule: RCMSchedule, noise, context, cond, x, denoiser: Denoiser, s
     t_next = jnp.asarray(t[step_ids + 1], jnp.float32)
     net_t = jnp.asarray(schedule.net_timesteps()[step_ids])
     eps_next = noise[step_ids + 1]
-    b = x.shape[0]
 
     def step(x, per_step):
-        ti, tn, nt, eps = per_step
-        v = denoiser(x.astype(jnp.bfloat16), jnp.full((b,), nt), context, cond).astype(jnp.float32)
-        if schedule.mode == "ode":
-            return x - (ti - tn) * v, None
-        x0 = x - ti * v
-        return (1.0 - tn) * x0 + tn * eps, None
+        return rcm_step(schedule.mode, denoiser, x, *per_step, context, cond), None
 
     return jax.lax.scan(step, x, (t_cur, t_next, net_t, eps_next))[0]
 
