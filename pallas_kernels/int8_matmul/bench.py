@@ -17,29 +17,17 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.int8_matmul import reference, triton
 from pallas_kernels.int8_matmul.triton import GemmConfig
+from pallas_kernels.timing import bench
 
 TOKENS = 32760
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]  # (K, N)
 DOT = (((1,), (1,)), ((), ()))  # A [M, K] . B [N, K]^T
-
-
-def bench(fn, *args, iters: int) -> float:
-    """Median wall time in ms of fn(*args) (jitted), after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def inputs(m: int, k: int, n: int, seed: int = 0):

@@ -14,28 +14,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import sla
 from pallas_kernels.sla import mosaic, reference, triton
+from pallas_kernels.timing import bench
 
 SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
 TOPKS = [0.1, 0.15]
-
-
-def bench(fn, *args, iters: int) -> float:
-    """Median wall time in ms of fn(*args) (jitted), after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def inputs(h: int, l: int, seed: int = 0):
