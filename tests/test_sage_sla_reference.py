@@ -1,0 +1,185 @@
+"""The pure-jnp SageSLA reference against NumPy transcriptions of upstream's quantisers and sm90 kernel loop
+(sage_reference's docstring), and its quality against bf16 SLA on inputs shaped like real DiT keys."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pallas_kernels.sla import reference, sage_reference
+
+E4M3 = ml_dtypes.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def on_cpu():
+    """Rounding-for-rounding checks run on XLA:CPU whatever the default backend (as tests/test_sla_reference.py)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+def np_quantize_blocks(x, block):
+    """upstream qk_quantize per (batch, head, block): scale = max|x|/127 + 1e-7, x/scale + 0.5 sign, truncated."""
+    b, l, h, d = x.shape
+    n = -(-l // block)
+    x8, scales = np.zeros(x.shape, np.int8), np.zeros((b, h, n), np.float32)
+    for bi in range(b):
+        for hi in range(h):
+            for j in range(n):
+                blk = x[bi, j * block:(j + 1) * block, hi].astype(np.float32)
+                scale = np.float32(np.abs(blk).max() / np.float32(127.0)) + np.float32(1e-7)
+                y = blk / scale
+                x8[bi, j * block:(j + 1) * block, hi] = np.trunc(y + np.where(y >= 0, 0.5, -0.5)).astype(np.int8)
+                scales[bi, hi, j] = scale
+    return x8, scales
+
+
+def np_sparse(q8, qs, k8, ks, v8, vs, lut, bq, bk):
+    """upstream's sm90 loop for each (batch, head, query block): int32 logits, online base-2 softmax with the
+    log2(448) offset, e4m3 P~ times e4m3 V into a fresh block product, denominator from fp32 P~."""
+    b, l, h, d = q8.shape
+    c = np.float32(np.float32(1 / math.sqrt(d)) * np.float32(math.log2(math.e)))
+    out = np.zeros((b, l, h, d), np.float32)
+    v8 = v8.astype(np.float32)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(lut.shape[2]):
+                rows = slice(i * bq, min(l, (i + 1) * bq))
+                qi = q8[bi, rows, hi].astype(np.int64)
+                acc = np.zeros((qi.shape[0], d), np.float32)
+                m = np.full((qi.shape[0], 1), -np.inf, np.float32)
+                den = np.zeros((qi.shape[0], 1), np.float32)
+                for j in lut[bi, hi, i]:
+                    cols = slice(j * bk, min(l, (j + 1) * bk))
+                    s = (qi @ k8[bi, cols, hi].astype(np.int64).T).astype(np.float32)
+                    s = s * (c * (qs[bi, hi, i] * ks[bi, hi, j]))
+                    m_new = np.maximum(m, s.max(-1, keepdims=True))
+                    alpha = np.exp2(m - m_new)
+                    p = np.exp2(s - m_new + np.float32(8.807))
+                    acc = acc * alpha + p.astype(E4M3).astype(np.float32) @ v8[bi, cols, hi]
+                    den = den * alpha + p.sum(-1, keepdims=True)
+                    m = m_new
+                out[bi, rows, hi] = acc * (1 / den) * vs[bi, hi]
+    return out
+
+
+def _bf16(rng, *shape, scale=1.0):
+    return jnp.asarray((scale * rng.normal(size=shape)).astype(np.float32)).astype(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("l, block", [(100, 32), (64, 16), (5, 8)])
+def test_qk_quantizer_matches_upstream_rounding(l, block):
+    rng = np.random.default_rng(l)
+    x = _bf16(rng, 2, l, 3, 16, scale=3.0)
+    x8, scale = sage_reference.quantize_blocks(x, block)
+    ref8, ref_scale = np_quantize_blocks(np.asarray(x, np.float32), block)
+    assert x8.dtype == jnp.int8 and scale.shape == (2, 3, -(-l // block))
+    np.testing.assert_array_equal(np.asarray(x8), ref8)
+    np.testing.assert_allclose(np.asarray(scale), ref_scale, rtol=1.2e-7, atol=0)  # 1/127 as a product: an ulp
+    assert np.abs(np.asarray(x8)).max() == 127  # the block maximum maps to +-127: the full int8 range is used
+
+
+def test_qk_rounds_half_away_from_zero():
+    """Block max 127 gives scale f32(1 + 1e-7) = 1 + 2^-23, and t = 0.5 + 2^-24 = 0.5 scale exactly: +-t are exact
+    ties and go to +-1 (half to even would give 0, floor(y + 0.5) would give -t -> 0). The zero padding of the
+    partial block does not enter the maximum."""
+    t = 0.5 + 2.0**-24
+    x = jnp.asarray([127.0, t, -t, 0.4, -126.4], jnp.float32).reshape(1, 5, 1, 1)
+    x8, scale = sage_reference.quantize_blocks(x, 8)
+    assert np.asarray(scale).item() == 1 + 2.0**-23
+    assert np.asarray(x8).ravel().tolist() == [127, 1, -1, 0, -126]
+
+
+def test_keys_are_smoothed_with_their_bf16_mean():
+    rng = np.random.default_rng(1)
+    k = _bf16(rng, 1, 40, 2, 16) + _bf16(rng, 1, 1, 2, 16, scale=8.0)
+    km = np.asarray(jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True).astype(jnp.bfloat16), np.float32)
+    expected = np.asarray(jnp.asarray(np.asarray(k, np.float32) - km).astype(jnp.bfloat16), np.float32)
+    smoothed = sage_reference.smooth_keys(k)
+    assert smoothed.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(smoothed, np.float32), expected)
+    _, _, k8, k_scale = sage_reference.quantize_qk(k, k, block_q=16, block_k=16)
+    ref8, ref_scale = np_quantize_blocks(expected, 16)
+    np.testing.assert_array_equal(np.asarray(k8), ref8)
+    np.testing.assert_allclose(np.asarray(k_scale), ref_scale, rtol=1.2e-7, atol=0)
+
+
+def test_v_quantizer_per_channel_e4m3():
+    rng = np.random.default_rng(2)
+    v = np.asarray(_bf16(rng, 2, 50, 3, 16, scale=2.0), np.float32)
+    v[:, :, 1, 5] = 0.0  # an all-zero channel: scale 0 and zeros, not NaN
+    v8, v_scale = sage_reference.quantize_v(jnp.asarray(v).astype(jnp.bfloat16))
+    amax = np.abs(v).max(axis=1)
+    recip = np.where(amax > 0, np.float32(2.25) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    assert v8.dtype == jnp.float8_e4m3fn and v_scale.shape == (2, 3, 16)
+    np.testing.assert_array_equal(np.asarray(v8).astype(np.float32),
+                                  (v * recip[:, None]).astype(E4M3).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(v_scale), amax / np.float32(2.25), rtol=1.2e-7, atol=0)
+    assert np.abs(np.asarray(v8, np.float32)).max(axis=1)[amax > 0].min() == 2.25  # each channel spans +-2.25
+    assert np.all(np.asarray(v8, np.float32)[:, :, 1, 5] == 0) and np.asarray(v_scale)[:, 1, 5].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("l, bq, bk, topk", [(100, 16, 32, 0.5), (77, 32, 16, 0.3)])
+def test_sparse_branch_matches_upstream_loop(l, bq, bk, topk):
+    rng = np.random.default_rng(3)
+    q, k, v = _bf16(rng, 2, l, 2, 32), _bf16(rng, 2, l, 2, 32) + 2.0, _bf16(rng, 2, l, 2, 32)
+    lut = reference.block_map(q, k, topk=topk, block_q=bq, block_k=bk)
+    ops = sage_reference.quantize(q, k, v, block_q=bq, block_k=bk)
+    out = sage_reference.sparse_attention(*ops, lut, block_q=bq, block_k=bk, out_dtype=jnp.float32)
+    ref = np_sparse(*(np.asarray(x) for x in ops), np.asarray(lut), bq, bk)
+    # A P~ within an ulp of an e4m3 rounding boundary may round the other way under a different exp2: one P
+    # element moves by 1/16, far below what a wrong block, scale or offset would do.
+    assert np.abs(np.asarray(out) - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_sage_sla_is_slas_block_map_plus_linear_branch():
+    """Same block map as SLA (the LUT is computed from the unquantised q, k), then the quantised sparse branch, then
+    SLA's projected linear branch."""
+    rng = np.random.default_rng(4)
+    q, k, v = _bf16(rng, 1, 96, 2, 32), _bf16(rng, 1, 96, 2, 32), _bf16(rng, 1, 96, 2, 32)
+    w, bias = _bf16(rng, 32, 32, scale=0.1), _bf16(rng, 32, scale=0.1)
+    out = sage_reference.sage_sla_attention(q, k, v, topk=0.25, block_q=16, block_k=16, proj_w=w, proj_b=bias)
+    lut = reference.block_map(q, k, topk=0.25, block_q=16, block_k=16)
+    sparse = sage_reference.sparse_attention(*sage_reference.quantize(q, k, v, block_q=16, block_k=16), lut,
+                                             block_q=16, block_k=16)
+    expected = reference.add_linear_branch(sparse, q, k, v, w, bias)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+    other_lut = jnp.roll(lut, 1, axis=2)  # a different block map changes the result: the LUT is really used
+    assert not np.array_equal(np.asarray(out, np.float32), np.asarray(reference.add_linear_branch(
+        sage_reference.sparse_attention(*sage_reference.quantize(q, k, v, block_q=16, block_k=16), other_lut,
+                                        block_q=16, block_k=16), q, k, v, w, bias), np.float32))
+
+
+def realistic_qkv(seed, l=1024, h=2, d=64):
+    """bf16 q, k, v like a DiT layer's after RMSNorm and RoPE: q with std 2; keys with a large mean shared by all
+    tokens of a head (std 3 per channel) and 4 outlier channels offset by +-20; v N(0, 1)."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    q = 2.0 * jax.random.normal(keys[0], (1, l, h, d))
+    k, v = (jax.random.normal(kk, (1, l, h, d)) for kk in keys[1:3])
+    mean = 3.0 * jax.random.normal(keys[3], (1, 1, h, d))
+    outliers = jax.random.choice(keys[4], d, (4,), replace=False)
+    mean = mean.at[..., outliers].add(20.0 * jnp.sign(jax.random.normal(keys[5], (4,))))
+    return q.astype(jnp.bfloat16), (k + mean).astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+
+
+def cos_sim(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_quality_against_bf16_sla_needs_k_smoothing():
+    """SageSLA keeps cos-sim >= 0.998 against bf16 SLA on the same block map; quantising the raw keys instead (the
+    shared mean and the outlier channels then set every k-block scale) loses several times more."""
+    q, k, v = realistic_qkv(0)
+    lut = reference.block_map(q, k, topk=0.2, block_q=64, block_k=32)
+    sla = reference.sparse_attention(q, k, v, lut, block_q=64, block_k=32)
+    cos = {}
+    for smooth in (True, False):
+        ops = sage_reference.quantize(q, k, v, block_q=64, block_k=32, smooth_k=smooth)
+        cos[smooth] = cos_sim(sage_reference.sparse_attention(*ops, lut, block_q=64, block_k=32), sla)
+    assert cos[True] >= 0.998
+    assert cos[False] < 0.998 and 1 - cos[False] > 4 * (1 - cos[True]), cos
