@@ -35,6 +35,7 @@ P.V as an fp32-accumulated e4m3 product, without XLA's slow integer-dot paths.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -92,11 +93,13 @@ def quantize_v(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (vf * recip[:, None]).astype(FP8), amax * np.float32(1 / V_SCALE_MAX)
 
 
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "smooth_k"))
 def quantize(q, k, v, *, block_q: int, block_k: int, smooth_k: bool = True):
     """All of SageSLA's quantised operands: (q8, q_scale, k8, k_scale, v8, v_scale)."""
     return (*quantize_qk(q, k, block_q=block_q, block_k=block_k, smooth_k=smooth_k), *quantize_v(v))
 
 
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype"))
 def sparse_attention(
     q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, v8: jax.Array, v_scale: jax.Array,
     lut: jax.Array, *, block_q: int, block_k: int, out_dtype=jnp.bfloat16,
