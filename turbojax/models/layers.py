@@ -1,5 +1,8 @@
 """Pure functions of the Wan DiT: linears, norms, modulation, RoPE, time embedding, patchify/unpatchify.
 
+The norms, modulation and RoPE rotation live in `pallas_kernels.norms.reference` (the semantics of the norm kernels)
+and are re-exported here.
+
 Linear weights are kept as [out, in] (K-contiguous rows): cuBLAS takes that layout as a plain TN product, and it is
 the layout the int8 wgmma path needs, so checkpoints convert without transposes.
 """
@@ -9,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.norms.reference import apply_rope, exact_f32, layer_norm, modulate, rms_norm  # noqa: F401
 
 f32 = jnp.float32
 
@@ -29,49 +34,6 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out_dtype) -> jax.Ar
     if b is not None:
         y = y + b.astype(f32)
     return y.astype(out_dtype)
-
-
-def exact_f32(x: jax.Array) -> jax.Array:
-    """x in fp32, holding exactly x's (possibly bf16) values. Under jit XLA may keep an fp32 intermediate where the
-    program rounds to bf16 (xla_allow_excess_precision, on by default); reduce_precision pins the rounding."""
-    x32 = x.astype(f32)
-    if x.dtype == f32:
-        return x32
-    info = jnp.finfo(x.dtype)
-    return jax.lax.reduce_precision(x32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
-def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: jax.Array | None = None):
-    """LayerNorm over the last axis with fp32 statistics and biased variance; affine in fp32; fp32 result.
-
-    A bf16 x is read exactly as rounded (`exact_f32`): the bf16 residual of TurboDiffusion's network feeds every
-    norm, and XLA fusing the preceding add into the norm must not skip that rounding."""
-    x32 = exact_f32(x)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.astype(f32)
-    if bias is not None:
-        y = y + bias.astype(f32)
-    return y
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, out_dtype, round_before_weight=None) -> jax.Array:
-    """RMSNorm over the last axis, statistic and weight multiply in fp32, result in out_dtype.
-
-    round_before_weight=None is TurboDiffusion's FastRMSNorm (one rounding, at the end); a dtype is stock Wan's
-    WanRMSNorm, which rounds the normalised value to that dtype before the weight multiply."""
-    x32 = x.astype(f32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    if round_before_weight is not None:
-        y = y.astype(round_before_weight).astype(f32)
-    return (y * weight.astype(f32)).astype(out_dtype)
-
-
-def modulate(normed: jax.Array, shift: jax.Array, scale: jax.Array, out_dtype) -> jax.Array:
-    """out_dtype(normed * (1 + scale) + shift) in fp32. normed [B, L, D]; shift, scale [B, D] fp32."""
-    return (normed.astype(f32) * (1.0 + scale[:, None, :]) + shift[:, None, :]).astype(out_dtype)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -112,16 +74,6 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
             parts.append(jnp.broadcast_to(ang.reshape(shape), (*grid, n_pairs)))
         ang = jnp.concatenate(parts, axis=-1).reshape(-1, head_dim // 2)
         return jnp.cos(ang).astype(f32), jnp.sin(ang).astype(f32)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, N, d] by the angles of cos/sin [L, d/2], in fp32."""
-    b, l, n, d = x.shape
-    xp = x.astype(f32).reshape(b, l, n, d // 2, 2)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    re = xp[..., 0] * c - xp[..., 1] * s
-    im = xp[..., 0] * s + xp[..., 1] * c
-    return jnp.stack([re, im], axis=-1).reshape(b, l, n, d).astype(x.dtype)
 
 
 def patchify(x: jax.Array, patch: tuple[int, int, int]) -> jax.Array:
