@@ -63,7 +63,6 @@ def test_generate_tiny_i2v_smoke_test(tmp_path, image_file, capsys):
     (["--aspect-ratio", "2:1"], "unsupported aspect ratio"),
     (["--steps", "6"], "num_steps must be 1, 2, 3 or 4"),
     (["--samples", "0"], "num_samples"),
-    (["--attention", "sagesla"], "sagesla.*not available"),
     (["--ode"], "--ode: image-to-video option"),
     (["--offload", "--adaptive-resolution"], "--adaptive-resolution, --offload: image-to-video option"),
     (["--image", "{tmp}/missing.png"], "no such image file"),

@@ -124,9 +124,8 @@ def test_plan_resolves_sizes_and_defaults(image_file):
 
 def test_attention_options():
     assert pipeline_module.attention_spec("sla", 0.15) == turbojax.AttentionSpec("sla", topk=0.15)
+    assert pipeline_module.attention_spec("sagesla", 0.15) == turbojax.AttentionSpec("sagesla", topk=0.15)
     assert pipeline_module.attention_spec("dense").kind == "dense"
-    with pytest.raises(ValueError, match="sagesla.*not available"):
-        pipeline_module.attention_spec("sagesla")
     with pytest.raises(ValueError, match="unknown attention"):
         pipeline_module.attention_spec("flash")
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import sla
 from pallas_kernels.sla import reference, sage_reference, sage_triton
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -122,3 +123,45 @@ def test_triton_kernel_lowers_to_triton_ir_for_an_h100(bq, bk):
     with jax.sharding.use_abstract_mesh(mesh):
         traced = jax.jit(functools.partial(sage_triton.sparse_attention, block_q=bq, block_k=bk)).trace(*operands)
         assert "__gpu$xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+# --- the public function, its dispatcher, and the DiT ----------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_sage_sla_attention_dispatch(impl):
+    q, k, v = _inputs(11, 1, 300, 2, 64)
+    w = (0.1 * jax.random.normal(jax.random.key(0), (64, 64))).astype(jnp.bfloat16)
+    bias = jnp.full((64,), 0.05, jnp.bfloat16)
+    out = jax.jit(functools.partial(sla.sage_sla_attention, topk=0.2, block_q=32, block_k=32, implementation=impl,
+                                    interpret=not ON_GPU))(q, k, v, proj_w=w, proj_b=bias)
+    ref = sage_reference.sage_sla_attention(q, k, v, topk=0.2, block_q=32, block_k=32, proj_w=w, proj_b=bias)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel(out, ref) < 1e-2
+
+
+def test_sage_sla_attention_refusals():
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="unknown SageSLA implementation 'pallas'"):
+        sla.sage_sla_attention(q, q, q, topk=0.5, implementation="pallas")
+    with pytest.raises(ValueError, match="block_k >= 32"):
+        sla.sage_sla_attention(q, q, q, topk=0.5, block_q=16, block_k=16, implementation="triton", interpret=True)
+    if not ON_GPU:
+        assert sla.default_sage_implementation(q, 128, 64) == "reference"
+        with pytest.raises(ValueError, match="fp8 conversions"):
+            sla.sage_sla_attention(q, q, q, topk=0.5, implementation="triton")
+
+
+def test_dit_attention_spec_runs_sagesla():
+    """The DiT's self-attention entry point: attention "sagesla" (a name or a spec) runs SageSLA with the spec's
+    block map parameters and the layer's proj_l."""
+    from turbojax.models.attention import AttentionSpec, as_spec, self_attention
+
+    assert as_spec("sagesla") == AttentionSpec("sagesla") and as_spec("sagesla_reference").implementation == "reference"
+    with pytest.raises(ValueError, match="no implementation 'cudnn'"):
+        AttentionSpec("sagesla", "cudnn")
+    q, k, v = _inputs(12, 1, 96, 2, 32)
+    w, bias = jnp.eye(32, dtype=jnp.bfloat16), jnp.full((32,), 0.1, jnp.bfloat16)
+    spec = AttentionSpec("sagesla", topk=0.5, block_q=16, block_k=32)
+    out = jax.jit(functools.partial(self_attention, spec=spec))(q, k, v, proj_w=w, proj_b=bias)
+    expected = sage_reference.sage_sla_attention(q, k, v, topk=0.5, block_q=16, block_k=32, proj_w=w, proj_b=bias)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))

@@ -137,18 +137,19 @@ def test_sparse_branch_matches_upstream_loop(l, bq, bk, topk):
 
 def test_sage_sla_is_slas_block_map_plus_linear_branch():
     """Same block map as SLA (the LUT is computed from the unquantised q, k), then the quantised sparse branch, then
-    SLA's projected linear branch."""
+    SLA's projected linear branch; another LUT gives another result (the LUT is really used)."""
     rng = np.random.default_rng(4)
     q, k, v = _bf16(rng, 1, 96, 2, 32), _bf16(rng, 1, 96, 2, 32), _bf16(rng, 1, 96, 2, 32)
     w, bias = _bf16(rng, 32, 32, scale=0.1), _bf16(rng, 32, scale=0.1)
     out = sage_reference.sage_sla_attention(q, k, v, topk=0.25, block_q=16, block_k=16, proj_w=w, proj_b=bias)
+
+    @jax.jit
+    def composed(lut):
+        ops = sage_reference.quantize(q, k, v, block_q=16, block_k=16)
+        sparse = sage_reference.sparse_attention(*ops, lut, block_q=16, block_k=16)
+        return reference.add_linear_branch(sparse, q, k, v, w, bias)
+
     lut = reference.block_map(q, k, topk=0.25, block_q=16, block_k=16)
-    sparse = sage_reference.sparse_attention(*sage_reference.quantize(q, k, v, block_q=16, block_k=16), lut,
-                                             block_q=16, block_k=16)
-    expected = reference.add_linear_branch(sparse, q, k, v, w, bias)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
-    other_lut = jnp.roll(lut, 1, axis=2)  # a different block map changes the result: the LUT is really used
-    assert not np.array_equal(np.asarray(out, np.float32), np.asarray(reference.add_linear_branch(
-        sage_reference.sparse_attention(*sage_reference.quantize(q, k, v, block_q=16, block_k=16), other_lut,
-                                        block_q=16, block_k=16), q, k, v, w, bias), np.float32))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(composed(lut), np.float32))
+    assert not np.array_equal(np.asarray(out, np.float32), np.asarray(composed(jnp.roll(lut, 1, axis=2)), np.float32))

@@ -230,8 +230,9 @@ def load_dit(
     linears = linears or ("w8a8" if quantized else "float")
     check_linears(linears, dtype)
     spec = as_spec(attention)
-    if spec.kind == "sla" and not cfg.sla_proj:
-        warnings.warn(f"{path} has no SLA proj_l weights (not an SLA-tuned checkpoint): SLA runs its sparse branch only")
+    if spec.kind in ("sla", "sagesla") and not cfg.sla_proj:
+        warnings.warn(f"{path} has no SLA proj_l weights (not an SLA-tuned checkpoint): {spec.kind} runs its sparse "
+                      f"branch only")
 
     abstract = nnx.eval_shape(lambda: WanDiT(cfg, dtype=dtype, residual_dtype=residual_dtype, attention=spec,
                                              linears=linears, rngs=nnx.Rngs(0)))

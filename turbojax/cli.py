@@ -31,7 +31,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-encoder", help="umT5 folder (models_t5_umt5-xxl-enc-bf16.pth converted)")
     group.add_argument("--vae", help="Wan2.1 VAE folder (Wan2.1_VAE.pth converted)")
     group.add_argument("--attention", default="dense", choices=["dense", "sla", "sagesla"],
-                       help="self-attention: dense, or TurboDiffusion's SLA (sagesla: not available yet)")
+                       help="self-attention: dense, TurboDiffusion's SLA, or SageSLA (SLA with int8/fp8 kernels)")
     group.add_argument("--sla-topk", type=float, default=0.1, help="SLA's kept key-block share (0.15 recommended)")
     group.add_argument("--linears", choices=["w8a8", "float"],
                        help="block Linears: w8a8 (TurboDiffusion's --quant_linear; quantises a bf16 folder at load) or "

@@ -1,18 +1,22 @@
-"""SLA sparse-linear attention: the pure-jnp reference (the semantics), the Pallas kernels, and the dispatcher.
+"""SLA sparse-linear attention and SageSLA (its int8/fp8 variant): the pure-jnp references (the semantics), the
+Pallas kernels, and the dispatchers.
 
 Every implementation shares the block map (mean-pool + top-k, XLA). The kernel paths replace the sparse branch
 (where the time goes), compute the linear branch's per-head d x d state in one pass over k, v
 (`triton.linear_state`), and fuse its output, proj_l and the final sum into one more (`triton.linear_epilogue`).
+SageSLA quantises q, k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`)
+and runs its sparse branch on those operands.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.sla import mosaic, reference, triton
+from pallas_kernels.sla import mosaic, reference, sage_reference, sage_triton, triton
 from pallas_kernels.sla.reference import block_map, linear_attention, num_selected_blocks, sparse_attention
 
 IMPLEMENTATIONS = ("reference", "triton", "mosaic")
+SAGE_IMPLEMENTATIONS = ("reference", "triton")
 
 
 def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
@@ -56,18 +60,71 @@ def sla_attention(
     else:
         return reference.add_linear_branch(sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k),
                                            q, k, v, proj_w, proj_b)
+    return _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret)
+
+
+def _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret):
+    """The kernel paths' o_sparse + proj_l(linear branch): the Triton state pass and fused epilogue."""
     if proj_w is None:
         return o_sparse
     kv, k_sum = triton.linear_state(k, v, interpret=interpret)
     return triton.linear_epilogue(q, o_sparse, kv, k_sum, proj_w, proj_b, interpret=interpret)
 
 
+def _gpu_has_fp8() -> bool:
+    """Whether the default device is a GPU that converts to e4m3 (compute capability 8.9 and up)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 8.9
+
+
+def default_sage_implementation(q: jax.Array, block_q: int, block_k: int) -> str:
+    """The Pallas-Triton SageSLA kernel on GPUs with fp8 (sm89+) where its tiles fit, else the reference."""
+    if _gpu_has_fp8() and sage_triton.supports(q, block_q, block_k):
+        return "triton"
+    return "reference"
+
+
+def sage_sla_attention(
+    q, k, v, *, topk, block_q=128, block_k=64, proj_w=None, proj_b=None, implementation=None, interpret=False
+):
+    """SageSLA over q, k, v [B, L, H, D] -> [B, L, H, D]; `sage_reference.sage_sla_attention` defines the semantics.
+
+    Same block map, linear branch and proj_l as `sla_attention`; the sparse branch runs on int8 q, k and e4m3 v.
+    implementation: None picks the fastest available for the device and shapes; "reference" is pure jnp;
+    "triton" is the Pallas-Triton kernel (GPUs with fp8 conversions, sm89+; interpret=True runs it on the CPU)."""
+    impl = implementation or default_sage_implementation(q, block_q, block_k)
+    _check_sage_implementation(impl, q, block_q, block_k, interpret)
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    ops = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k)
+    if impl == "reference":
+        o_sparse = sage_reference.sparse_attention(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype)
+        return reference.add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)
+    o_sparse = sage_triton.sparse_attention(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype,
+                                            interpret=interpret)
+    return _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret)
+
+
+def _check_sage_implementation(impl: str, q: jax.Array, block_q: int, block_k: int, interpret: bool) -> None:
+    """One clear error, before any work, when `impl` cannot run these shapes on this device."""
+    if impl not in SAGE_IMPLEMENTATIONS:
+        raise ValueError(f"unknown SageSLA implementation {impl!r}; available: {', '.join(SAGE_IMPLEMENTATIONS)}")
+    if impl == "triton" and not sage_triton.supports(q, block_q, block_k):
+        raise ValueError(f"the Triton SageSLA kernel needs power-of-two block_q >= 16, block_k >= 32 and head dim "
+                         f">= 32; got block_q={block_q}, block_k={block_k}, head_dim={q.shape[-1]}")
+    if impl == "triton" and not interpret and not _gpu_has_fp8():
+        raise ValueError("the Triton SageSLA kernel needs a GPU with fp8 conversions (compute capability 8.9+: Ada, "
+                         "Hopper, Blackwell); use implementation='reference' here, or attention 'sla'")
+
+
 __all__ = [
     "IMPLEMENTATIONS",
+    "SAGE_IMPLEMENTATIONS",
     "block_map",
     "default_implementation",
+    "default_sage_implementation",
     "linear_attention",
     "num_selected_blocks",
+    "sage_sla_attention",
     "sla_attention",
     "sparse_attention",
 ]

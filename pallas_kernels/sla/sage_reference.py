@@ -141,6 +141,7 @@ def sparse_attention(
     return jnp.swapaxes(out, 1, 2)
 
 
+@functools.partial(jax.jit, static_argnames=("topk", "block_q", "block_k", "smooth_k"))
 def sage_sla_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, topk: float, block_q: int, block_k: int,
     proj_w: jax.Array | None = None, proj_b: jax.Array | None = None, smooth_k: bool = True,

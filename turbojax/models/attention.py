@@ -1,7 +1,8 @@
 """The one attention interface of the DiT's self-attention, and the dense attention used everywhere else.
 
-`AttentionSpec.kind` picks the algorithm ("dense" softmax attention or TurboDiffusion's "sla"); `implementation`
-picks how it runs (None: the fastest for the device). Cross-attention is always dense, as in TurboDiffusion.
+`AttentionSpec.kind` picks the algorithm ("dense" softmax attention, TurboDiffusion's "sla", or "sagesla": SLA with
+an int8 Q.K^T and an fp8 P.V); `implementation` picks how it runs (None: the fastest for the device).
+Cross-attention is always dense, as in TurboDiffusion.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import jax.numpy as jnp
 from pallas_kernels import sla
 from turbojax.models.layers import precision
 
-KINDS = ("dense", "sla")
+KINDS = ("dense", "sla", "sagesla")
 DENSE_IMPLEMENTATIONS = ("cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-    """Self-attention algorithm and backend. topk/block_q/block_k only matter for SLA (acceleration.md 3.6)."""
+    """Self-attention algorithm and backend. topk/block_q/block_k only matter for SLA and SageSLA (acceleration.md
+    3.6; SageSLA keeps SLA's portable (128, 64) blocks on every GPU)."""
 
     kind: str = "dense"
     implementation: str | None = None
@@ -32,7 +34,8 @@ class AttentionSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown attention kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        allowed = DENSE_IMPLEMENTATIONS if self.kind == "dense" else sla.IMPLEMENTATIONS
+        allowed = {"dense": DENSE_IMPLEMENTATIONS, "sla": sla.IMPLEMENTATIONS,
+                   "sagesla": sla.SAGE_IMPLEMENTATIONS}[self.kind]
         if self.implementation not in (None, *allowed):
             raise ValueError(
                 f"attention {self.kind!r} has no implementation {self.implementation!r}; choose from {allowed}"
@@ -48,6 +51,8 @@ NAMED = {
     "dense_cudnn": AttentionSpec("dense", "cudnn"),
     "sla": AttentionSpec("sla"),
     "sla_reference": AttentionSpec("sla", "reference"),
+    "sagesla": AttentionSpec("sagesla"),
+    "sagesla_reference": AttentionSpec("sagesla", "reference"),
 }
 
 
@@ -108,7 +113,8 @@ def self_attention(
     carry them even when run dense, TurboDiffusion issues #67, #122)."""
     if spec.kind == "dense":
         return dense(q, k, v, spec.implementation)
-    return sla.sla_attention(
+    attention = sla.sage_sla_attention if spec.kind == "sagesla" else sla.sla_attention
+    return attention(
         q, k, v, topk=spec.topk, block_q=spec.block_q, block_k=spec.block_k,
         proj_w=proj_w, proj_b=proj_b, implementation=spec.implementation,
     )

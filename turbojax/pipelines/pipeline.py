@@ -120,17 +120,14 @@ def plan(kind: str, prompt: str, image: str | Path | None = None, **options) -> 
 
 
 def attention_spec(attention: str | AttentionSpec, sla_topk: float = 0.1) -> AttentionSpec:
-    """"dense" or "sla" (with sla_topk) as an AttentionSpec; "sagesla" is refused until turbojax has it."""
+    """"dense", or "sla" / "sagesla" (with sla_topk), as an AttentionSpec."""
     if isinstance(attention, AttentionSpec):
         return attention
-    if attention == "sagesla":
-        raise ValueError("attention 'sagesla' (SageSLA: int8/fp8 SLA kernels) is not available in turbojax yet; "
-                         "use 'sla' (the same sparse-linear attention with bf16 kernels) or 'dense'")
     if attention == "dense":
         return AttentionSpec("dense")
-    if attention == "sla":
-        return AttentionSpec("sla", topk=sla_topk)
-    raise ValueError(f"unknown attention {attention!r}; choose dense, sla (or sagesla, not available yet)")
+    if attention in ("sla", "sagesla"):
+        return AttentionSpec(attention, topk=sla_topk)
+    raise ValueError(f"unknown attention {attention!r}; choose dense, sla or sagesla")
 
 
 def check_linears_option(linears: str | None) -> None:
