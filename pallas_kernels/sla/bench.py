@@ -1,11 +1,13 @@
-"""SLA benchmark at Wan's real attention shapes, every path timed in one process on one GPU.
+"""SLA and SageSLA benchmark at Wan's real attention shapes, every path timed in one process on one GPU.
 
-    python -m pallas_kernels.sla.bench            # the table of the SLA issue
+    python -m pallas_kernels.sla.bench            # the table of the SLA / SageSLA issue
     python -m pallas_kernels.sla.bench --sweep    # also a launch-config sweep at H=12, L=32760
 
 Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch state
 + fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU), and its parts alone; SLA
-with the pure-XLA reference.
+with the pure-XLA reference; SageSLA the same way (block map + quantisation of q, k, v + int8/fp8 sparse kernel +
+the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the fastest bf16 SLA row's time
+over the SageSLA row's.
 Times are medians of --iters calls after a warm-up. Inputs: bf16 N(0,1) q, v and keys with a shared mean.
 """
 
@@ -19,11 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import sla
-from pallas_kernels.sla import mosaic, reference, triton
+from pallas_kernels.sla import mosaic, reference, sage_reference, sage_triton, triton
 from pallas_kernels.timing import bench
 
 SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
 TOPKS = [0.1, 0.15]
+SAGE_KERNELS = {"triton": sage_triton.sparse_attention}
 
 
 def inputs(h: int, l: int, seed: int = 0):
@@ -89,23 +92,73 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[
                                  ms=bench(ref_fn, q, k, v, w, b, iters=max(2, iters // 3)),
                                  rel_diff={n: rel(o, ref_out) for n, o in results.items()}))
                 print(json.dumps(rows[-1]), flush=True)
+            sla_ms = min((r["ms"] for r in rows if r["path"].startswith("SLA, ") and "sparse kernel" in r["path"]
+                          and (r["heads"], r["tokens"], r["topk"]) == (h, l, topk)), default=float("nan"))
+            rows += sage_rows(h, l, topk, (q, k, v, w, b), lut, iters=iters, block_q=block_q, block_k=block_k,
+                              dense_ms=dense_ms, sla_ms=sla_ms, sla_out=next(iter(results.values()), None),
+                              with_reference=with_reference)
+    return rows
+
+
+def cos_sim(a, b) -> float:
+    a, b = a.astype(jnp.float32).ravel(), b.astype(jnp.float32).ravel()
+    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_ms, sla_out, with_reference):
+    """SageSLA as the DiT calls it with each sparse kernel (with its cos-sim to a bf16 SLA kernel's output), the
+    kernel alone on quantised operands, the quantisation, and (at the two smaller shapes) the pure-XLA reference."""
+    q, k, v, w, b = qkvwb
+    rows, results = [], {}
+    quantize = jax.jit(functools.partial(sage_reference.quantize, block_q=block_q, block_k=block_k))
+    ops = quantize(q, k, v)
+    for name, kernel in SAGE_KERNELS.items():
+        full = jax.jit(functools.partial(sla.sage_sla_attention, topk=topk, block_q=block_q, block_k=block_k,
+                                         implementation=name))
+        sparse = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k))
+        try:
+            ms = bench(lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b), q, k, v, w, b, iters=iters)
+        except Exception as e:  # report a kernel that fails to build here, keep the other rows
+            print(f"SageSLA {name} failed at H={h} L={l}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        results[name] = full(q, k, v, proj_w=w, proj_b=b)
+        rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SageSLA, {name} sparse kernel ({block_q},{block_k})",
+                         ms=ms, vs_cudnn=dense_ms / ms, vs_sla=sla_ms / ms,
+                         cos_vs_sla=None if sla_out is None else cos_sim(results[name], sla_out)))
+        rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {name} SageSLA sparse kernel alone",
+                         ms=bench(sparse, *ops, lut, iters=iters)))
+        print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+    rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (XLA)",
+                     ms=bench(quantize, q, k, v, iters=iters)))
+    if with_reference and h * l <= 40 * 32760:
+        ref_fn = jax.jit(lambda q, k, v, w, b: sage_reference.sage_sla_attention(
+            q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=w, proj_b=b))
+        ref_out = ref_fn(q, k, v, w, b)
+        rows.append(dict(heads=h, tokens=l, topk=topk, path="SageSLA, pure-XLA reference",
+                         ms=bench(ref_fn, q, k, v, w, b, iters=max(2, iters // 3)),
+                         rel_diff={n: rel(o, ref_out) for n, o in results.items()}))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def sweep(iters: int) -> list[dict]:
-    """Launch configurations of both kernels at H=12, L=32760, topk 0.1."""
+    """Launch configurations of the SLA and SageSLA sparse kernels at H=12, L=32760, topk 0.1."""
     q, k, v, _, _ = inputs(12, 32760)
     candidates = [(bq, bk, "triton", triton.TritonConfig(num_warps=w, num_stages=st))
                   for bq, bk in ((128, 64), (64, 128)) for w in (4, 8) for st in (2, 3)]
     candidates += [(128, bk, "mosaic", mosaic.MosaicConfig(max_concurrent_steps=n))
                    for bk in (64, 128) for n in (2, 3, 4)]
+    candidates += [(bq, bk, "sage triton", triton.TritonConfig(num_warps=w, num_stages=st))
+                   for bq, bk in ((128, 64), (64, 128)) for w in (4, 8) for st in (2, 3)]
+    kernels = {"triton": triton.sparse_attention, "mosaic": mosaic.sparse_attention,
+               "sage triton": sage_triton.sparse_attention}
     rows = []
     for block_q, block_k, name, cfg in candidates:
         lut = sla.block_map(q, k, topk=0.1, block_q=block_q, block_k=block_k)
-        kernel = triton.sparse_attention if name == "triton" else mosaic.sparse_attention
-        fn = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k, config=cfg))
+        fn = jax.jit(functools.partial(kernels[name], block_q=block_q, block_k=block_k, config=cfg))
+        operands = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k) if "sage" in name else (q, k, v)
         try:
-            ms = bench(fn, q, k, v, lut, iters=iters)
+            ms = bench(fn, *operands, lut, iters=iters)
         except Exception as e:  # a config the compiler rejects (e.g. shared memory) is reported, not fatal
             ms = float("nan")
             print(f"{name} ({block_q},{block_k}) {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -120,18 +173,21 @@ def main(argv=None) -> int:
     p.add_argument("--block-q", type=int, default=128)
     p.add_argument("--block-k", type=int, default=64)
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA rows")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA and SageSLA rows")
     p.add_argument("--json")
     args = p.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     out = {"sweep": sweep(args.iters)} if args.sweep else {}
     out["table"] = table(args.iters, args.block_q, args.block_k, not args.no_reference)
-    print("\n| heads | tokens | topk | path | ms | vs cuDNN | rel. diff vs reference |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| heads | tokens | topk | path | ms | vs cuDNN | vs bf16 SLA | rel. diff vs reference or cos-sim vs SLA |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in out["table"]:
         vs = f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else ""
+        vs_sla = f"{r['vs_sla']:.2f}x" if "vs_sla" in r else ""
         rd = ", ".join(f"{n} {x:.1e}" for n, x in r.get("rel_diff", {}).items())
-        print(f"| {r['heads']} | {r['tokens']} | {r['topk'] or ''} | {r['path']} | {r['ms']:.3f} | {vs} | {rd} |")
+        rd += f"cos {r['cos_vs_sla']:.5f}" if r.get("cos_vs_sla") is not None else ""
+        print(f"| {r['heads']} | {r['tokens']} | {r['topk'] or ''} | {r['path']} | {r['ms']:.3f} | {vs} | {vs_sla} "
+              f"| {rd} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
