@@ -26,7 +26,7 @@ import turbojax
 from convert.cli import convert
 from convert.pth import load_pth
 from pallas_kernels import int8_matmul
-from pallas_kernels.int8_matmul import reference, triton
+from pallas_kernels.int8_matmul import mosaic, reference, triton
 from turbojax import checkpoint
 from turbojax.models import wan_dit
 from turbojax.quantize import main as quantize_main
@@ -285,6 +285,10 @@ def test_gemm_refuses_mismatched_operands():
 
 def test_dispatch_and_triton_config_rules():
     assert int8_matmul.default_implementation() == ("triton" if ON_GPU else "reference")
+    hopper = mosaic.supports(256, 1536, 1536)
+    assert int8_matmul.default_implementation(256, 1536, 1536) == (
+        "mosaic" if hopper else "triton" if ON_GPU else "reference")
+    assert int8_matmul.default_implementation(256, 200, 128) == ("triton" if ON_GPU else "reference")
     with pytest.raises(ValueError, match="unknown W8A8 implementation 'pallas'"):
         int8_matmul.quantize_blockwise(jnp.zeros((4, 4), jnp.bfloat16), implementation="pallas")
     with pytest.raises(ValueError, match="block_m must divide 128"):
@@ -514,41 +518,89 @@ def test_quantize_module_runs_as_a_script():
 BENCH_M = 32760
 
 
+GPU_KERNELS = ["triton", "mosaic"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1536, 5120, 8960, 13824])
 def test_gpu_quantizer_is_bit_exact_at_bench_shapes(k):
     assert ON_GPU, "needs a GPU"
     x = _tiles_of_many_scales(k, BENCH_M, k)
     want_q, want_s = np_quantize(x)
-    for impl in IMPLS:
-        q, s = int8_matmul.quantize_blockwise(x, implementation=impl)
-        np.testing.assert_array_equal(np.asarray(q), want_q, err_msg=impl)
-        np.testing.assert_array_equal(np.asarray(s), want_s, err_msg=impl)
+    q, s = int8_matmul.quantize_blockwise(x, implementation="triton")
+    np.testing.assert_array_equal(np.asarray(s), want_s)
+    bad = np.argwhere(np.asarray(q) != want_q)
+    assert bad.size == 0, (f"{len(bad)} codes differ, first at {bad[0]}: got {np.asarray(q)[tuple(bad[0])]}, "
+                           f"want {want_q[tuple(bad[0])]}, x = {float(x[tuple(bad[0])])!r}")
 
 
 @pytest.mark.gpu
+def test_gpu_xla_reference_quantiser_differs_only_at_ties():
+    """Measured on an H100: XLA's fp32 division on the GPU is not correctly rounded, so the pure-jnp reference run
+    there moves a few codes sitting within a few ulps of a .5 tie by one (the Triton kernel divides with div.rn and
+    is bit-exact, above). This pins that the difference stays that small; on the CPU the reference is exact."""
+    assert ON_GPU, "needs a GPU"
+    x = _tiles_of_many_scales(5120, BENCH_M, 5120)
+    want_q, _ = np_quantize(x)
+    q = np.asarray(int8_matmul.quantize_blockwise(x, implementation="reference")[0]).astype(np.int32)
+    diff = np.abs(q - want_q.astype(np.int32))
+    assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_KERNELS)
 @pytest.mark.parametrize("k, n", WAN_SIZES)
-def test_gpu_gemm_matches_reference_at_bench_shapes(k, n):
+def test_gpu_gemm_matches_reference_at_bench_shapes(k, n, impl):
     assert ON_GPU, "needs a GPU"
     ops = _random_operands(k * n, BENCH_M, k, n)
-    y = int8_matmul.int8_block_matmul(*ops, out_dtype=jnp.float32, implementation="triton")
+    y = int8_matmul.int8_block_matmul(*ops, out_dtype=jnp.float32, implementation=impl)
     ref = int8_matmul.int8_block_matmul(*ops, out_dtype=jnp.float32, implementation="reference")
     assert _rel(y, ref) <= 1e-5
-    y16 = np.asarray(int8_matmul.int8_block_matmul(*ops, implementation="triton"), np.float32)
-    ref16 = np.asarray(ref).astype(BF16).astype(np.float32)
-    assert (np.abs(y16 - ref16) <= 2.0**-7 * np.abs(ref16)).all()  # at most one bf16 ulp apart
+    # The bf16 output is the kernel's own fp32 result rounded once (kernels may contract a * s + acc into an FMA,
+    # so near-zero outputs need not round like the reference's; the fp32 check above bounds that).
+    y16 = np.asarray(int8_matmul.int8_block_matmul(*ops, implementation=impl))
+    np.testing.assert_array_equal(y16, np.asarray(y).astype(BF16))
 
 
 @pytest.mark.gpu
-def test_gpu_block_sums_exact_at_bench_rows():
+@pytest.mark.parametrize("impl", GPU_KERNELS)
+def test_gpu_block_sums_exact_at_bench_rows(impl):
     assert ON_GPU, "needs a GPU"
-    _check_block_sums_exact("triton", BENCH_M, 1024, 256)
+    _check_block_sums_exact(impl, BENCH_M, 1024, 256)
 
 
 @pytest.mark.gpu
-def test_gpu_w8a8_dit_triton_matches_reference_at_real_width(monkeypatch):
-    """A 2-block 1.3B DiT at 480p with W8A8 block Linears: the Triton kernels (the GPU default) against the
-    reference implementation of the same semantics."""
+@pytest.mark.parametrize("tile_n, overlap", [(128, False), (128, True), (256, False)])
+@pytest.mark.parametrize("m", [1, 100, 1000])
+def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, tile_n, overlap):
+    """Rows that fill no whole 128-row tile (TMA drops the stores past M), both CTA widths, the serial and the
+    overlapped K loops, and the bias epilogue: the bf16 output with bias is exactly the kernel's fp32 output rounded,
+    then + bias in bf16."""
+    assert ON_GPU, "needs a GPU"
+    cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap)
+    x_q, x_scale, w_q, w_scale = _random_operands(m, m, 1536, 512)
+    bias = jnp.asarray(np.random.default_rng(m).standard_normal(512) * 100, jnp.bfloat16)
+    y32 = mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32, config=cfg)
+    ref = reference.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32)
+    assert y32.shape == (m, 512) and _rel(y32, ref) <= 1e-5
+    y = mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, bias=bias, config=cfg)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(reference.round_and_add_bias(y32, jnp.bfloat16, bias)))
+
+
+def test_mosaic_refuses_shapes_it_cannot_tile():
+    with pytest.raises(ValueError, match="K a multiple of 128 and N of tile_n=128"):
+        jax.eval_shape(mosaic.int8_block_matmul, *_shapes_only(256, 200, 128))
+    with pytest.raises(ValueError, match="N of tile_n=256"):
+        jax.eval_shape(functools.partial(mosaic.int8_block_matmul, config=mosaic.MosaicConfig(tile_n=256)),
+                       *_shapes_only(256, 256, 384))
+    with pytest.raises(ValueError, match="tile_n must be 128 or 256"):
+        mosaic.MosaicConfig(tile_n=64)
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_dit_kernels_match_reference_at_real_width(monkeypatch):
+    """A 2-block 1.3B DiT at 480p with W8A8 block Linears: the GPU default kernels (Mosaic GEMM on Hopper) against
+    the reference implementation of the same semantics."""
     assert ON_GPU, "needs a GPU"
     cfg = turbojax.get_preset("wan2.1-t2v-1.3b").replace(num_layers=2)
     dit = nnx.jit(lambda: turbojax.WanDiT(cfg, linears="w8a8", rngs=nnx.Rngs(0)))()
@@ -557,7 +609,7 @@ def test_gpu_w8a8_dit_triton_matches_reference_at_real_width(monkeypatch):
     ctx = jax.random.normal(keys[1], (1, 512, 4096), jnp.bfloat16)
     t = jnp.array([988.0])
     out = np.asarray(nnx.jit(lambda m, *a: m(*a))(dit, x, t, ctx))
-    monkeypatch.setattr(int8_matmul, "default_implementation", lambda: "reference")
+    monkeypatch.setattr(int8_matmul, "default_implementation", lambda *shape: "reference")
     ref = np.asarray(nnx.jit(lambda m, *a: m(*a))(dit, x, t, ctx))
     assert np.isfinite(out).all()
     assert _rel(out, ref) < 3e-2

@@ -1,12 +1,13 @@
 """W8A8 benchmark at the Wan DiT's linear shapes, every path timed in one process on one GPU.
 
     python -m pallas_kernels.int8_matmul.bench            # the table of issue 7
-    python -m pallas_kernels.int8_matmul.bench --sweep    # also a GemmConfig sweep at K = N = 5120
+    python -m pallas_kernels.int8_matmul.bench --sweep    # also a launch-parameter sweep at K = N = 5120
     python -m pallas_kernels.int8_matmul.bench --tokens 256 --interpret --iters 1   # CPU smoke run (times meaningless)
 
 Rows per (K, N), at M = --tokens (32760: 480p): the XLA bf16 dot (cuBLASLt; the baseline); the XLA int8 dot (s8 x s8 ->
 s32 with preferred_element_type=int32: cuBLASLt IMMA, no scales, so the ceiling); our W8A8 linear (activation
-quantisation + block-scaled GEMM + bias, Pallas-Triton) and its two kernels alone; the pure-XLA reference W8A8.
+quantisation + block-scaled GEMM + bias) with the Mosaic GPU GEMM (Hopper) and the Pallas-Triton one, each GEMM
+alone, the Triton quantiser alone; the pure-XLA reference W8A8.
 Times are medians of --iters calls after a warm-up; rates count 2 M N K operations. Goals (issue 7): W8A8 >= 1.5x the
 bf16 dot and >= 0.9x the int8 dot.
 """
@@ -21,7 +22,9 @@ import json
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.int8_matmul import reference, triton
+from pallas_kernels import int8_matmul
+from pallas_kernels.int8_matmul import mosaic, reference, triton
+from pallas_kernels.int8_matmul.mosaic import MosaicConfig
 from pallas_kernels.int8_matmul.triton import GemmConfig
 from pallas_kernels.timing import bench
 
@@ -45,12 +48,12 @@ def rel(a, b) -> float:
     return float(jnp.abs(a - b).max() / jnp.abs(b).max())
 
 
-def table(m: int, iters: int, config: GemmConfig, with_reference: bool, interpret: bool) -> list[dict]:
+def table(m: int, iters: int, impls: list[str], config: GemmConfig, with_reference: bool,
+          interpret: bool) -> list[dict]:
     bf16_dot = jax.jit(lambda x, w: jax.lax.dot_general(x, w, DOT))
     int8_dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, DOT, preferred_element_type=jnp.int32))
-    ours = jax.jit(functools.partial(triton.int8_linear, config=config, interpret=interpret))
+    configs = {"triton": config, "mosaic": None}
     quantize = jax.jit(functools.partial(triton.quantize_blockwise, interpret=interpret))
-    gemm = jax.jit(functools.partial(triton.int8_block_matmul, config=config, interpret=interpret))
     rows = []
     for k, n in SHAPES:
         x, w, bias, w_q, w_scale = inputs(m, k, n)
@@ -65,40 +68,50 @@ def table(m: int, iters: int, config: GemmConfig, with_reference: bool, interpre
         row("XLA bf16 dot", t_bf16)
         t_int8 = bench(int8_dot, x_q, w_q, iters=iters)
         row("XLA int8 dot (s32 out, no scales)", t_int8)
-        t_ours = bench(ours, x, w_q, w_scale, bias, iters=iters)
-        out = ours(x, w_q, w_scale, bias)
-        diff = {}
+        ref_out = jax.jit(reference.int8_linear)(x, w_q, w_scale, bias) if with_reference else None
         if with_reference:
-            ref_fn = jax.jit(reference.int8_linear)
-            diff = dict(rel_diff_vs_reference=rel(out, ref_fn(x, w_q, w_scale, bias)))
-            row("W8A8, pure-XLA reference", bench(ref_fn, x, w_q, w_scale, bias, iters=max(2, iters // 3)))
-        row("W8A8 (quantise + block-scaled GEMM + bias), Triton", t_ours, vs_bf16=t_bf16 / t_ours,
-            vs_int8=t_int8 / t_ours, **diff)
+            row("W8A8, pure-XLA reference", bench(jax.jit(reference.int8_linear), x, w_q, w_scale, bias,
+                                                  iters=max(2, iters // 3)))
         row("  quantiser alone (Triton)", bench(quantize, x, iters=iters))
-        row("  block-scaled GEMM alone (Triton)", bench(gemm, x_q, x_scale, w_q, w_scale, iters=iters))
+        for impl in impls:
+            kw = dict(implementation=impl, config=configs[impl], interpret=interpret)
+            ours = jax.jit(functools.partial(int8_matmul.int8_linear, **kw))
+            gemm = jax.jit(functools.partial(int8_matmul.int8_block_matmul, **kw))
+            t_ours = bench(ours, x, w_q, w_scale, bias, iters=iters)
+            diff = {} if ref_out is None else dict(rel_diff_vs_reference=rel(ours(x, w_q, w_scale, bias), ref_out))
+            row(f"W8A8 (quantise + block-scaled GEMM + bias), {impl}", t_ours, vs_bf16=t_bf16 / t_ours,
+                vs_int8=t_int8 / t_ours, **diff)
+            row(f"  block-scaled GEMM alone ({impl})", bench(gemm, x_q, x_scale, w_q, w_scale, iters=iters))
     return rows
 
 
-def sweep(m: int, iters: int) -> list[dict]:
-    """GemmConfig candidates for the GEMM alone at K = N = 5120."""
+def sweep(m: int, iters: int, impls: list[str]) -> list[dict]:
+    """Launch-parameter candidates for the GEMM alone at K = N = 5120: GemmConfig (Triton) and, on Hopper,
+    MosaicConfig."""
     k = n = 5120
     x, _, _, w_q, w_scale = inputs(m, k, n)
     x_q, x_scale = jax.jit(triton.quantize_blockwise)(x)
+    candidates = []
+    if "triton" in impls:
+        candidates += [("triton", GemmConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                                             int_to_float=i2f))
+                       for bm in (64, 128) for bn in (128, 256) for warps in (4, 8) for stages in (3, 4)
+                       for i2f in ("bits", "convert")]
+    if "mosaic" in impls:
+        candidates += [("mosaic", MosaicConfig(tile_n=tn, max_concurrent_steps=s, group_m=g, int_to_float=i2f,
+                                               overlap=ov))
+                       for tn, ov in ((128, False), (128, True), (256, False)) for s in (4, 5) for g in (8, 16)
+                       for i2f in ("magic", "convert")]
     rows = []
-    for bm in (64, 128):
-        for bn in (128, 256):
-            for warps in (4, 8):
-                for stages in (3, 4):
-                    for i2f in ("bits", "convert"):
-                        cfg = GemmConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, int_to_float=i2f)
-                        fn = jax.jit(functools.partial(triton.int8_block_matmul, config=cfg))
-                        try:
-                            ms = bench(fn, x_q, x_scale, w_q, w_scale, iters=iters)
-                        except Exception as e:  # a config the compiler rejects (shared memory) is reported, not fatal
-                            ms = float("nan")
-                            print(f"{cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                        rows.append(dict(config=dataclasses.asdict(cfg), ms=ms, tops=2.0 * m * n * k / ms / 1e9))
-                        print(json.dumps(rows[-1]), flush=True)
+    for impl, cfg in candidates:
+        fn = jax.jit(functools.partial(int8_matmul.int8_block_matmul, implementation=impl, config=cfg))
+        try:
+            ms = bench(fn, x_q, x_scale, w_q, w_scale, iters=iters)
+        except Exception as e:  # a config the compiler rejects (shared memory) is reported, not fatal
+            ms = float("nan")
+            print(f"{cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append(dict(implementation=impl, config=dataclasses.asdict(cfg), ms=ms, tops=2.0 * m * n * k / ms / 1e9))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -111,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-warps", type=int, default=GemmConfig.num_warps)
     p.add_argument("--num-stages", type=int, default=GemmConfig.num_stages)
     p.add_argument("--int-to-float", default=GemmConfig.int_to_float, choices=("bits", "convert"))
+    p.add_argument("--impl", nargs="+", choices=("triton", "mosaic"),
+                   help="our kernels to time (default: mosaic on Hopper, and triton)")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the pure-XLA reference rows")
     p.add_argument("--interpret", action="store_true", help="Triton kernels in the Pallas interpreter (CPU smoke run)")
@@ -119,8 +134,9 @@ def main(argv=None) -> int:
     config = GemmConfig(block_m=args.block_m, block_n=args.block_n, num_warps=args.num_warps,
                         num_stages=args.num_stages, int_to_float=args.int_to_float)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, M = {args.tokens}, {config}")
-    out = {"sweep": sweep(args.tokens, args.iters)} if args.sweep else {}
-    out["table"] = table(args.tokens, args.iters, config, not args.no_reference, args.interpret)
+    impls = args.impl or (["mosaic"] if mosaic.supports(args.tokens, 128, 128) else []) + ["triton"]
+    out = {"sweep": sweep(args.tokens, args.iters, impls)} if args.sweep else {}
+    out["table"] = table(args.tokens, args.iters, impls, config, not args.no_reference, args.interpret)
     print("\n| K | N | path | ms | TOP/s | vs XLA bf16 | vs XLA int8 | rel. diff vs reference |")
     print("|---|---|---|---|---|---|---|---|")
     for r in out["table"]:

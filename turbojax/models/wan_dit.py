@@ -34,13 +34,13 @@ class Linear(nnx.Module):
     quantized=True is TurboDiffusion's W8A8 Int8Linear (acceleration.md 5): int8_weight [out, in] with one fp32
     scale per 128 x 128 tile, scale [ceil(out/128), ceil(in/128)], and the bias in `dtype` (bf16/fp16). Each call
     quantises x in 128-token x 128-channel tiles and runs the block-scaled int8 GEMM (`pallas_kernels.int8_matmul`:
-    the Pallas-Triton kernels on a GPU, the reference elsewhere); the result is rounded to `dtype` before the bias
-    add, then cast to the requested dtype."""
+    the Mosaic GPU GEMM on Hopper, the Pallas-Triton kernels on other GPUs, the reference elsewhere); the result is
+    rounded to `dtype` before the bias add, then cast to the requested dtype."""
 
     def __init__(self, n_in: int, n_out: int, *, dtype, rngs: nnx.Rngs, quantized: bool = False):
         w = _normal(rngs, (n_out, n_in), n_in**-0.5, dtype)
         if quantized:
-            q, s = int8_matmul.quantize_blockwise(w, implementation="reference")
+            q, s = int8_matmul.quantize_blockwise(w)
             self.int8_weight, self.scale, self.weight = nnx.Param(q), nnx.Param(s), None
         else:
             self.weight, self.int8_weight, self.scale = nnx.Param(w), None, None

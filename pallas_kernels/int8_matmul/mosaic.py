@@ -1,0 +1,280 @@
+"""The block-scaled int8 GEMM as a Mosaic GPU (Hopper) kernel: wgmma s8 x s8 -> s32, promoted per 128-wide K block.
+
+Why not Pallas-Triton on Hopper: its kernel must wait for each K block's int32 dot before promoting it into the fp32
+accumulator, which serialises the tensor cores with the promotion (~450 TOP/s, slower than bf16 cuBLAS;
+kernels-landscape.md 8.3). Here one CTA computes a 128 x tile_n output tile (tile_n 128 or 256) with three
+warpgroups:
+  two compute warpgroups, 64 rows each: per K block and 128 output columns, wgmma(x_q[64, 128], w_q[128, 128]^T)
+      into an int32 accumulator, then acc_f32 += f32(block sum) * sx * sw. Each warpgroup waits only for its own
+      wgmma, so one's promotion runs on the ALUs while the other's product runs on the tensor cores;
+  one memory warpgroup streams the x and w K-tiles by TMA into a ring of `max_concurrent_steps` shared-memory slots.
+Both operands stay K-contiguous ([M, K] and [N, K]): 8-bit wgmma takes only K-major operands.
+Every 128 x 128 piece of the output is one scale block, so sx * sw is one scalar per K step and 128 columns.
+int32 -> fp32, exactly: the accumulator starts at the bits of 1.5 * 2^23 (`MAGIC_BITS`), so after the dot its bits
+read as the float 1.5 * 2^23 + sum (|sum| <= 2^21), and one subtraction recovers the sum (no conversion instruction).
+Tiles are visited in groups of `group_m` row tiles per column tile, so the x rows of a group stay in L2.
+The epilogue rounds to the output dtype, adds the bias in that dtype (`reference.round_and_add_bias`) and stores by
+TMA, which drops the rows past M (32,760-token activations need no padding; a row count that is not a multiple of 8,
+which TMA cannot describe, is padded to one). K and N must be multiples of 128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.int8_matmul.reference import BLOCK, check_gemm_operands, num_blocks
+from pallas_kernels.int8_matmul.triton import MAGIC, MAGIC_BITS, quantize_blockwise
+
+f32 = jnp.float32
+WG_ROWS = 64  # output rows per compute warpgroup (the wgmma M)
+COMPUTE_WGS = 2
+SMEM_BYTES = 227 * 1024  # sm90's per-block shared-memory limit
+SWIZZLE = 128  # bytes: one 128-wide int8 K block per swizzled row
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """tile_n: output columns per CTA, 128 or 256 (256 halves the x traffic per operation; each warpgroup then
+    holds two fp32 accumulators [64, 128] and runs the two 128-column products one after the other, so the int32
+    accumulator stays one [64, 128]); max_concurrent_steps: depth of the x/w ring (capped by shared memory);
+    group_m: row tiles per L2 group; int_to_float: "magic" (accumulator seeded with MAGIC_BITS, one subtraction)
+    or "convert" (cvt.rn.f32.s32 on a zero-seeded accumulator); overlap (tile_n 128, an even number of K blocks):
+    two int32 accumulators per warpgroup, so the next K block's wgmma runs during this one's promotion (with
+    tile_n 256 the two fp32 accumulators leave no registers for a second int32 one).
+    Defaults: the fastest of `bench.py --sweep` on an H100 (docs/PERF.md)."""
+
+    tile_n: int = 256
+    max_concurrent_steps: int = 5
+    group_m: int = 16
+    int_to_float: str = "convert"
+    overlap: bool = True
+
+    def __post_init__(self):
+        if self.tile_n not in (BLOCK, 2 * BLOCK):
+            raise ValueError(f"tile_n must be {BLOCK} or {2 * BLOCK}, got {self.tile_n}")
+        if self.int_to_float not in ("magic", "convert"):
+            raise ValueError(f"int_to_float must be 'magic' or 'convert', got {self.int_to_float!r}")
+
+
+def shapes_supported(m: int, k: int, n: int, tile_n: int = BLOCK) -> bool:
+    """K a multiple of 128 (whole scale blocks), N of tile_n (whole CTA tiles); any M (TMA masks ragged rows)."""
+    return k % BLOCK == 0 and n % tile_n == 0 and m > 0
+
+
+def supports(m: int, k: int, n: int, tile_n: int = BLOCK) -> bool:
+    """The shapes fit and the default device is an sm90 (Hopper) GPU."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0" and \
+        shapes_supported(m, k, n, tile_n)
+
+
+def default_config(n: int) -> MosaicConfig:
+    """The tuned defaults, with 128-column CTA tiles where N is not a multiple of 256."""
+    config = MosaicConfig()
+    return config if n % config.tile_n == 0 else dataclasses.replace(config, tile_n=BLOCK)
+
+
+def _tiling(dtype) -> tuple:
+    elems = SWIZZLE // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE)
+
+
+def _grouped_tile(pid, grid_m: int, grid_n: int, group_m: int):
+    """Linear CTA id -> (row tile, column tile), walking group_m row tiles down each column before moving right."""
+    per_group = group_m * grid_n
+    first_m = lax.div(pid, per_group) * group_m
+    rows_here = jnp.minimum(grid_m - first_m, group_m)
+    in_group = lax.rem(pid, per_group)
+    return first_m + lax.rem(in_group, rows_here), lax.div(in_group, rows_here)
+
+
+def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consumed,
+            *, grid_m, grid_n, k_steps, slots, cfg: MosaicConfig):
+    """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt] fp32,
+    bias_ref [N] in the output dtype or None, o_ref [M, N]; all in global memory."""
+    x_smem, w_smem, out_smem, bias_smem = smem
+    x_loaded, w_loaded, bias_loaded = loaded
+    n_sub = cfg.tile_n // BLOCK  # 128-column products per K step
+    mi, ni = _grouped_tile(lax.axis_index("tiles"), grid_m, grid_n, cfg.group_m)
+    wg = lax.axis_index("wg")
+    tile_rows, tile_cols = pl.ds(mi * BLOCK, BLOCK), pl.ds(ni * cfg.tile_n, cfg.tile_n)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        if bias_ref is not None:
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(bias_ref.at[tile_cols], bias_smem, bias_loaded)
+
+        seed = MAGIC_BITS if cfg.int_to_float == "magic" else 0
+        x_rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+
+        def to_f32(total):
+            if cfg.int_to_float == "magic":
+                return lax.bitcast_convert_type(total, f32) - MAGIC
+            return total.astype(f32)
+
+        def block_sum(slot, j):
+            """The exact int32 dot of this warpgroup's x rows with w's j-th 128 columns over K block `slot`,
+            as fp32 [64, 128]."""
+            def product(acc_ref):
+                w_cols = w_smem.at[slot, pl.ds(j * BLOCK, BLOCK)]
+                plgpu.wgmma(acc_ref, x_smem.at[slot, x_rows], w_cols.transpose((1, 0)))
+
+            seeded = plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
+            return to_f32(pl.run_state(product)(plgpu.ACC.init(seeded)))
+
+        def step(t, accs):
+            slot = lax.rem(t, slots)
+            sx = xs_ref[mi, t]
+            scales = [sx * ws_ref[ni * n_sub + j, t] for j in range(n_sub)]
+            plgpu.barrier_wait(x_loaded.at[slot])
+            plgpu.barrier_wait(w_loaded.at[slot])
+            sums = []
+            for j in range(n_sub):
+                sums.append(block_sum(slot, j))
+            plgpu.barrier_arrive(consumed.at[slot])
+            return tuple(acc + part * scale for acc, part, scale in zip(accs, sums, scales))
+
+        def overlapped(acc):
+            """n_sub == 1, k_steps even: two int32 accumulators, so K block t + 1's wgmma runs while block t is
+            promoted (wait_n=1 leaves one product in flight)."""
+            seeded = plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
+
+            def issue(t, acc_ref):
+                slot = lax.rem(t, slots)
+                plgpu.barrier_wait(x_loaded.at[slot])
+                plgpu.barrier_wait(w_loaded.at[slot])
+                acc_ref[...] = seeded
+                plgpu.wgmma(acc_ref, x_smem.at[slot, x_rows], w_smem.at[slot].transpose((1, 0)))
+
+            def retire(t, acc_ref, acc, wait_n):
+                scale = xs_ref[mi, t] * ws_ref[ni, t]
+                total = plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n)
+                plgpu.barrier_arrive(consumed.at[lax.rem(t, slots)])
+                return acc + to_f32(total) * scale
+
+            def run(a_ref, b_ref):
+                def pair(p, acc):
+                    t = 2 * p
+                    issue(t + 1, b_ref)
+                    acc = retire(t, a_ref, acc, 1)
+                    issue(t + 2, a_ref)
+                    return retire(t + 1, b_ref, acc, 1)
+
+                issue(0, a_ref)
+                out = lax.fori_loop(0, k_steps // 2 - 1, pair, acc)
+                issue(k_steps - 1, b_ref)
+                out = retire(k_steps - 2, a_ref, out, 1)
+                return retire(k_steps - 1, b_ref, out, 0)
+
+            acc_type = plgpu.ACC((WG_ROWS, BLOCK), jnp.int32)
+            return pl.run_scoped(run, acc_type, acc_type)
+
+        zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, BLOCK), f32), plgpu.Layout.WGMMA)
+        if cfg.overlap and n_sub == 1 and k_steps % 2 == 0:
+            accs = (overlapped(zeros),)
+        else:
+            accs = lax.fori_loop(0, k_steps, step, (zeros,) * n_sub)
+        if bias_ref is not None:
+            plgpu.barrier_wait(bias_loaded)
+        rows = pl.ds(mi * BLOCK + wg * WG_ROWS, WG_ROWS)
+        for j, acc in enumerate(accs):
+            y = acc.astype(o_ref.dtype)
+            if bias_ref is not None:
+                bias = plgpu.load(bias_smem.at[pl.ds(j * BLOCK, BLOCK)], layout=plgpu.Layout.WGMMA.reduce(0))
+                y = (y.astype(f32) + lax.broadcast_in_dim(bias.astype(f32), y.shape, [1])).astype(o_ref.dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile's previous store has been read
+            out_smem.at[wg][...] = y
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], o_ref.at[rows, pl.ds(ni * cfg.tile_n + j * BLOCK, BLOCK)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(t, slot):
+            ks = pl.ds(t * BLOCK, BLOCK)
+            plgpu.copy_gmem_to_smem(xq_ref.at[tile_rows, ks], x_smem.at[slot], x_loaded.at[slot])
+            plgpu.copy_gmem_to_smem(wq_ref.at[tile_cols, ks], w_smem.at[slot], w_loaded.at[slot])
+
+        for t in range(slots):
+            fetch(t, t)
+
+        @pl.loop(slots, k_steps)
+        def _refill(t):
+            slot = lax.rem(t, slots)
+            plgpu.barrier_wait(consumed.at[slot])
+            fetch(t, slot)
+
+
+def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
+    """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles."""
+    out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + config.tile_n * 4
+    fit = (SMEM_BYTES - out_bytes - 2048) // (BLOCK * BLOCK + config.tile_n * BLOCK)
+    return max(1, min(config.max_concurrent_steps, k_steps, fit))
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
+def int8_block_matmul(
+    x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax.Array, *, out_dtype=jnp.bfloat16,
+    bias: jax.Array | None = None, config: MosaicConfig | None = None,
+) -> jax.Array:
+    """`reference.int8_block_matmul` on Hopper: x_q [M, K], x_scale [ceil(M/128), K/128], w_q [N, K], w_scale
+    [N/128, K/128] -> [M, N] out_dtype (+ bias [N] after the rounding, in out_dtype). K, N multiples of 128;
+    config None: `default_config(N)`."""
+    check_gemm_operands(x_q, x_scale, w_q, w_scale, bias)
+    (m, k), n = x_q.shape, w_q.shape[0]
+    config = config or default_config(n)
+    if not shapes_supported(m, k, n, config.tile_n):
+        raise ValueError(f"the Mosaic W8A8 GEMM needs K a multiple of {BLOCK} and N of tile_n={config.tile_n}; got "
+                         f"K={k}, N={n} (use implementation='triton')")
+    grid_m, grid_n, k_steps = num_blocks(m), n // config.tile_n, k // BLOCK
+    slots = _slots(out_dtype, k_steps, config)
+    int8_tile, out_tile = _tiling(jnp.int8), _tiling(out_dtype)
+    has_bias = bias is not None
+
+    def entry(xq_ref, xs_ref, wq_ref, ws_ref, *rest):
+        bias_ref, o_ref = (rest[0], rest[1]) if has_bias else (None, rest[0])
+        smem = (
+            plgpu.SMEM((slots, BLOCK, BLOCK), jnp.int8, transforms=int8_tile),
+            plgpu.SMEM((slots, config.tile_n, BLOCK), jnp.int8, transforms=int8_tile),
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, BLOCK), out_dtype, transforms=out_tile),
+            plgpu.SMEM((config.tile_n,), out_dtype),
+        )
+        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots), plgpu.Barrier())
+        consumed = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots)
+        kernel = functools.partial(_kernel, xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, grid_m=grid_m,
+                                   grid_n=grid_n, k_steps=k_steps, slots=slots, cfg=config)
+        pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed, collective_axes="wg")
+
+    # TMA needs the row count of a global array to be below 8 or a multiple of 8: pad x_q's rows (never across a
+    # 128-row scale block, so x_scale stays) and slice the output.
+    m_pad = m if m < 8 or m % 8 == 0 else m + 8 - m % 8
+    x_rows = jnp.pad(x_q, ((0, m_pad - m), (0, 0))) if m_pad != m else x_q
+    args = [x_rows, x_scale, w_q, w_scale] + ([bias.astype(out_dtype)] if has_bias else [])
+    out = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
+        grid=(grid_m * grid_n,),
+        grid_names=("tiles",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+    )(*args)
+    return out[:m] if m_pad != m else out
+
+
+def int8_linear(x, w_q, w_scale, bias=None, *, config: MosaicConfig | None = None):
+    """`reference.int8_linear` with the Triton quantiser and this GEMM: x [..., K] bf16/fp16 -> [..., N]."""
+    q, s = quantize_blockwise(x.reshape(-1, x.shape[-1]))
+    y = int8_block_matmul(q, s, w_q, w_scale, out_dtype=x.dtype, bias=bias, config=config)
+    return y.reshape(*x.shape[:-1], w_q.shape[0])
