@@ -59,11 +59,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, out_dtype, round_befor
     """RMSNorm over the last axis, statistic and weight multiply in fp32, result in out_dtype.
 
     round_before_weight=None is TurboDiffusion's FastRMSNorm (one rounding, at the end); a dtype is stock Wan's
-    WanRMSNorm, which rounds the normalised value to that dtype before the weight multiply."""
+    WanRMSNorm, which rounds the normalised value to that dtype before the weight multiply (pinned: under jit XLA
+    may otherwise skip it)."""
     x32 = x.astype(f32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     if round_before_weight is not None:
-        y = y.astype(round_before_weight).astype(f32)
+        y = exact_f32(y.astype(round_before_weight))
     return (y * weight.astype(f32)).astype(out_dtype)
 
 
