@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.sla import mosaic, reference, sage_reference, sage_triton, triton
+from pallas_kernels.sla import mosaic, reference, sage_mosaic, sage_reference, sage_triton, triton
 from pallas_kernels.sla.reference import block_map, linear_attention, num_selected_blocks, sparse_attention
 
 IMPLEMENTATIONS = ("reference", "triton", "mosaic")
-SAGE_IMPLEMENTATIONS = ("reference", "triton")
+SAGE_IMPLEMENTATIONS = ("reference", "triton", "mosaic")
 
 
 def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
@@ -78,7 +78,10 @@ def _gpu_has_fp8() -> bool:
 
 
 def default_sage_implementation(q: jax.Array, block_q: int, block_k: int) -> str:
-    """The Pallas-Triton SageSLA kernel on GPUs with fp8 (sm89+) where its tiles fit, else the reference."""
+    """The Mosaic GPU SageSLA kernel on Hopper where its tiles fit, else the Pallas-Triton one on GPUs with fp8
+    (sm89+), else the reference."""
+    if sage_mosaic.supports(q, block_q, block_k):
+        return "mosaic"
     if _gpu_has_fp8() and sage_triton.supports(q, block_q, block_k):
         return "triton"
     return "reference"
@@ -91,7 +94,8 @@ def sage_sla_attention(
 
     Same block map, linear branch and proj_l as `sla_attention`; the sparse branch runs on int8 q, k and e4m3 v.
     implementation: None picks the fastest available for the device and shapes; "reference" is pure jnp;
-    "triton" is the Pallas-Triton kernel (GPUs with fp8 conversions, sm89+; interpret=True runs it on the CPU)."""
+    "triton" is the Pallas-Triton kernel (GPUs with fp8 conversions, sm89+); "mosaic" the Mosaic GPU kernel for
+    Hopper (fp8 tensor cores). interpret=True runs either kernel on the CPU (tests)."""
     impl = implementation or default_sage_implementation(q, block_q, block_k)
     _check_sage_implementation(impl, q, block_q, block_k, interpret)
     lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
@@ -99,8 +103,8 @@ def sage_sla_attention(
     if impl == "reference":
         o_sparse = sage_reference.sparse_attention(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype)
         return reference.add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)
-    o_sparse = sage_triton.sparse_attention(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype,
-                                            interpret=interpret)
+    kernel = sage_triton.sparse_attention if impl == "triton" else sage_mosaic.sparse_attention
+    o_sparse = kernel(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype, interpret=interpret)
     return _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret)
 
 
@@ -114,6 +118,11 @@ def _check_sage_implementation(impl: str, q: jax.Array, block_q: int, block_k: i
     if impl == "triton" and not interpret and not _gpu_has_fp8():
         raise ValueError("the Triton SageSLA kernel needs a GPU with fp8 conversions (compute capability 8.9+: Ada, "
                          "Hopper, Blackwell); use implementation='reference' here, or attention 'sla'")
+    if impl == "mosaic" and not (sage_mosaic.supports(q, block_q, block_k)
+                                 or interpret and sage_mosaic.shapes_supported(q, block_q, block_k)):
+        raise ValueError(f"the Mosaic SageSLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, L a multiple "
+                         f"of 8, block_q 128 and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, L "
+                         f"{q.shape[1]}, blocks ({block_q}, {block_k})")
 
 
 __all__ = [

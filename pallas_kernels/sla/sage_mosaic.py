@@ -1,0 +1,237 @@
+"""SageSLA's sparse branch as a Mosaic GPU (Hopper) kernel: `mosaic.py`'s FlashAttention-3 structure with 8-bit
+tensor-core products, the semantics of `sage_reference.sparse_attention`.
+
+One CTA per (head, 128-row query block, batch) = one row of the SLA block map, with three warpgroups:
+  two compute warpgroups, 64 query rows each, walk the row's key blocks (ascending LUT):
+      S = Q8 K8^T by an s8 x s8 -> s32 wgmma from shared memory (Q and K both K-major: the K tile is the (bk, D)
+      block, transposed as a ref); dequantised to base-2 logits with the q- and k-block scales; the online softmax
+      with P~ = 2^(s - m + log2 448); e4m3(P~) is written to the warpgroup's shared-memory tile and multiplied by
+      the e4m3 V^T tile in an e4m3 wgmma into a fresh fp32 accumulator, added to the rescaled running one (the
+      fp8 wgmma accumulator keeps about 22 bits; upstream's sm90 kernel adds per block the same way);
+      a "schedule" barrier ping-pongs the two warpgroups so one's softmax overlaps the other's products;
+  one memory warpgroup reads lut[b, h, i, t] and issues TMA copies of the K tile (bk, D) and the V^T tile (D, bk)
+      of key block lut[t] into a ring of shared-memory slots.
+8-bit wgmma operands must be K-major (no hardware transpose below 16 bits): V is therefore passed transposed,
+[B, H, D, L_pad] (the wrapper transposes and pads the e4m3 values), so its (D, bk) tile is K-major for P.V.
+P goes through shared memory because Mosaic GPU cannot relayout the accumulator-shaped P into the 8-bit register
+operand layout of wgmma (upstream instead permutes V's tokens to match the register layout).
+The epilogue applies 1/l and the per-channel V scales. Needs sm90 to run compiled; on CPU the tests run it in the
+Mosaic GPU interpreter (with its race detector) and lower it for an abstract H100 down to the PTX of its wgmmas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS
+from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class SageMosaicConfig:
+    max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
+
+
+def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
+    """bf16/fp16 (the output dtype), head_dim 64 or 128 (one swizzle span of int8), L a multiple of 8 (TMA tiling
+    of the token axis), one CTA per 128-row query block, key blocks of 64 or 128 tokens (one swizzle span of e4m3
+    for P.V)."""
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128) and q.shape[1] % 8 == 0
+            and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
+
+
+def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
+    """The shapes fit and the default device is an sm90 (Hopper) GPU."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0" \
+        and shapes_supported(q, block_q, block_k)
+
+
+def _tiles(row_bytes: int):
+    """Shared-memory transforms of an 8-bit tile whose rows are row_bytes long: one swizzle span per row."""
+    return plgpu.TilingTransform((8, row_bytes)), plgpu.SwizzleTransform(row_bytes)
+
+
+def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, loaded, consumed, schedule,
+            *, seq_len, block_k, n_sel, slots, c):
+    """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
+    [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory."""
+    q_smem, k_smem, v_smem, p_smem, vs_smem, o_smem = smem
+    k_loaded, v_loaded, q_loaded, vs_loaded = loaded
+    k_consumed, v_consumed = consumed
+    bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
+    wg = lax.axis_index("wg")
+    lut_row = lut_ref.at[bi, hi, qi]
+
+    def take_turn():
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(qi * (COMPUTE_WGS * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[wg], q_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, hi], vs_smem.at[wg], vs_loaded.at[wg])
+        d = q_smem.shape[-1]
+        q_scale = qs_ref[bi, hi, qi]
+        acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        # The LUT is ascending, so only its last block can be the partial one at the sequence end: keys at or past
+        # `valid` of that block get -inf logits; every other step runs unmasked.
+        valid = seq_len - lut_row[n_sel - 1] * block_k
+        col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(q_loaded.at[wg])
+        plgpu.barrier_wait(k_loaded.at[0])
+        pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
+
+        def step(t, carry, masked=False):
+            acc, m, l = carry
+            slot = lax.rem(t, slots)
+            # The block's dequantisation scale, loaded before the product so the global-memory latency overlaps it.
+            scale = c * (q_scale * ks_ref[bi, hi, lut_row[t]])
+
+            def qk_product(s_ref):
+                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+                take_turn()
+                return s_ref[...]
+
+            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, block_k), jnp.int32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            s = s.astype(jnp.float32) * scale
+            if masked:
+                s = jnp.where(col < valid, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_EXP_OFFSET, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p_smem.at[wg][...] = p.astype(FP8)
+            plgpu.commit_smem()  # the P tile is read by the async proxy (wgmma) next
+            acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
+            plgpu.barrier_arrive(schedule)  # softmax done
+            plgpu.barrier_wait(v_loaded.at[slot])
+            plgpu.barrier_wait(schedule)  # the tensor cores are ours again
+
+            def pv_product(pv_ref):
+                plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
+
+                @pl.when(t + 1 < n_sel)
+                def _():
+                    plgpu.barrier_wait(k_loaded.at[lax.rem(t + 1, slots)])
+
+                return pv_ref[...]
+
+            acc = acc + pl.run_scoped(pv_product, plgpu.ACC((WG_ROWS, d), jnp.float32))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        carry = lax.fori_loop(0, n_sel - 1, step, (acc, m, l))
+        acc, m, l = lax.fori_loop(n_sel - 1, n_sel, functools.partial(step, masked=True), carry)
+        pl.when(wg == 0)(take_turn)
+        plgpu.barrier_wait(vs_loaded.at[wg])
+        v_scale = plgpu.load(vs_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+        out = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0]) * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+        o_smem.at[wg][...] = out.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[bi, rows, hi])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch_k(t, slot):
+            rows = pl.ds(lut_row[t] * block_k, block_k)
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_loaded.at[slot])
+
+        def fetch_v(t, slot):
+            cols = pl.ds(lut_row[t] * block_k, block_k)
+            plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, cols], v_smem.at[slot], v_loaded.at[slot])
+
+        for t in range(slots):
+            fetch_k(t, t)
+            fetch_v(t, t)
+
+        @pl.loop(slots, n_sel)
+        def _refill(t):
+            # K and V of a slot are released separately (S = QK^T finishes before P.V), so refill them separately.
+            slot = lax.rem(t, slots)
+            plgpu.barrier_wait(k_consumed.at[slot])
+            fetch_k(t, slot)
+            plgpu.barrier_wait(v_consumed.at[slot])
+            fetch_v(t, slot)
+
+        # Observe each slot's last release too: nothing is refilled, but every barrier phase is then waited for,
+        # which the GPU interpreter's race detector checks when the barriers are freed.
+        for slot in range(slots):
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def transpose_values(v8: jax.Array, block_k: int) -> jax.Array:
+    """e4m3 v8 [B, L, H, D] -> [B, H, D, L_pad], L_pad = L rounded up to block_k, zero-padded: the K-major layout
+    of V for the 8-bit P.V (and 16-byte aligned rows for TMA)."""
+    l = v8.shape[1]
+    vt = jnp.transpose(v8, (0, 2, 3, 1))
+    return jnp.pad(vt, ((0, 0), (0, 0), (0, 0), (0, pl.cdiv(l, block_k) * block_k - l)))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype", "config", "interpret"))
+def sparse_attention(
+    q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, v8: jax.Array, v_scale: jax.Array,
+    lut: jax.Array, *, block_q: int, block_k: int, out_dtype=jnp.bfloat16,
+    config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
+) -> jax.Array:
+    """`sage_reference.sparse_attention` as a Mosaic GPU kernel; same operands (`sage_reference.quantize`) and
+    result. block_q must be 128 (two 64-row warpgroups), block_k 64 or 128.
+
+    interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
+    its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering."""
+    b, l, h, d = q8.shape
+    nq, n_sel = lut.shape[2], lut.shape[3]
+    if block_q != COMPUTE_WGS * WG_ROWS or block_k not in (64, 128) or d not in (64, 128):
+        raise ValueError(f"the Mosaic SageSLA kernel takes block_q={COMPUTE_WGS * WG_ROWS}, block_k 64 or 128 and "
+                         f"head_dim 64 or 128; got ({block_q}, {block_k}), head_dim {d}")
+    if nq != pl.cdiv(l, block_q):
+        raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    fixed = COMPUTE_WGS * WG_ROWS * (d + block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
+    slots = min(config.max_concurrent_steps, n_sel, (SMEM_BYTES - fixed) // (2 * block_k * d))
+    out_tiles = (plgpu.TilingTransform((8, 128 // out_bytes)), plgpu.SwizzleTransform(128))
+
+    def entry(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref):
+        smem = (
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), jnp.int8, transforms=_tiles(d)),
+            plgpu.SMEM((slots, block_k, d), jnp.int8, transforms=_tiles(d)),
+            plgpu.SMEM((slots, d, block_k), FP8, transforms=_tiles(block_k)),
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),
+            plgpu.SMEM((COMPUTE_WGS, d), jnp.float32),
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), out_dtype, transforms=out_tiles),
+        )
+        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+                  plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS))
+        consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
+        kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref,
+                                   seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, c=float(base2_scale(d)))
+        pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
+                      plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((b, l, h, d), out_dtype),
+        grid=(h, nq, b),
+        grid_names=("heads", "q_blocks", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
+    )(lut.astype(jnp.int32), q8, q_scale, k8, k_scale, transpose_values(v8, block_k), v_scale)
