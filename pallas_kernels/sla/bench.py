@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import sla
-from pallas_kernels.sla import mosaic, reference, sage_reference, sage_triton, triton
+from pallas_kernels.sla import mosaic, reference, sage_mosaic, sage_reference, sage_triton, triton
 from pallas_kernels.timing import bench
 
 SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
 TOPKS = [0.1, 0.15]
-SAGE_KERNELS = {"triton": sage_triton.sparse_attention}
+SAGE_KERNELS = {"triton": sage_triton.sparse_attention, "mosaic": sage_mosaic.sparse_attention}
 
 
 def inputs(h: int, l: int, seed: int = 0):
@@ -150,8 +150,10 @@ def sweep(iters: int) -> list[dict]:
                    for bk in (64, 128) for n in (2, 3, 4)]
     candidates += [(bq, bk, "sage triton", triton.TritonConfig(num_warps=w, num_stages=st))
                    for bq, bk in ((128, 64), (64, 128)) for w in (4, 8) for st in (2, 3)]
+    candidates += [(128, bk, "sage mosaic", sage_mosaic.SageMosaicConfig(max_concurrent_steps=n))
+                   for bk in (64, 128) for n in (2, 3, 4)]
     kernels = {"triton": triton.sparse_attention, "mosaic": mosaic.sparse_attention,
-               "sage triton": sage_triton.sparse_attention}
+               "sage triton": sage_triton.sparse_attention, "sage mosaic": sage_mosaic.sparse_attention}
     rows = []
     for block_q, block_k, name, cfg in candidates:
         lut = sla.block_map(q, k, topk=0.1, block_q=block_q, block_k=block_k)
