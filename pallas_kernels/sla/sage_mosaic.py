@@ -232,6 +232,7 @@ def sparse_attention(
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
+        kernel_name="sagesla_sparse_fwd_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
     )(lut.astype(jnp.int32), q8, q_scale, k8, k_scale, transpose_values(v8, block_k), v_scale)
