@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 import turbojax
-from turbojax.bench.timing import report, time_calls, time_compiled
+from turbojax.bench.timing import program_bytes, report, time_compiled, time_first_call
 from turbojax.models.attention import as_spec
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
@@ -37,6 +36,19 @@ def random_dit(cfg: turbojax.WanConfig, seed: int = 0, linears: str = "float") -
     return nnx.jit(lambda: turbojax.WanDiT(cfg, linears=linears, rngs=nnx.Rngs(seed)))()
 
 
+def forward_inputs(cfg: turbojax.WanConfig, shape: tuple[int, ...], seed: int = 1) -> tuple:
+    """Random inputs of one forward on the device: latents [B, 16, T, h, w] bf16, timestep [B] (988, the first rCM
+    step's), context [B, 512, text_dim] bf16 and, for I2V configs, the condition [B, in_dim - 16, T, h, w] bf16.
+    Drawn on the host: a few MB, where jax.random would compile a program per shape."""
+    b, _, *thw = shape
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: rng.standard_normal(s, np.float32).astype(jnp.bfloat16)
+    inputs = (normal(b, cfg.out_dim, *thw), np.full((b,), 988.0, np.float32), normal(b, cfg.text_len, cfg.text_dim))
+    if cfg.cond_dim:
+        inputs += (normal(b, cfg.cond_dim, *thw),)
+    return jax.device_put(inputs, jax.devices()[0])
+
+
 def time_forward(dit: turbojax.WanDiT, inputs: tuple, iters: int) -> dict:
     graphdef, state = nnx.split(dit)
     fwd = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
@@ -46,19 +58,15 @@ def time_forward(dit: turbojax.WanDiT, inputs: tuple, iters: int) -> dict:
         **timings,
         "temp_gib": mem.temp_size_in_bytes / 2**30 if mem else None,
         "args_gib": mem.argument_size_in_bytes / 2**30 if mem else None,
+        "program_bytes": program_bytes(compiled),
         "out": out,
     }
 
 
-def time_sampler(dit: turbojax.WanDiT, context, shape, steps: int, iters: int) -> dict:
-    """The whole jitted rCM loop (noise drawn inside), seeds varying between calls."""
-    sampler = turbojax.RCMSampler(dit, schedule=turbojax.RCMSchedule(num_steps=steps))
-    t0 = time.perf_counter()
-    jax.block_until_ready(sampler(context, latent_shape=shape, seed=0))
-    first_s = time.perf_counter() - t0
-    timings = time_calls(lambda i: sampler(context, latent_shape=shape, seed=i + 1), iters)
-    return {**timings, "compile_s": first_s,
-            "temp_gib": float("nan"), "args_gib": float("nan"), "rel_diff_vs_first": float("nan")}
+def time_sampler(sampler: turbojax.RCMSampler, context, shape, iters: int, cond=None) -> dict:
+    """The whole jitted rCM loop (noise drawn inside), seeds varying between calls: the first call (tracing,
+    compilation and one run) in seconds, then the timings of iters calls."""
+    return time_first_call(lambda i: sampler(context, cond, latent_shape=shape, seed=i), iters)
 
 
 def main(argv=None) -> int:
@@ -80,12 +88,7 @@ def main(argv=None) -> int:
     for preset in args.preset:
         cfg = turbojax.get_preset(preset)
         shape = latent_shape(cfg, args.res, args.frames)
-        keys = jax.random.split(jax.random.key(1), 2)
-        inputs = (
-            jax.random.normal(keys[0], shape, jnp.bfloat16),
-            jnp.array([988.0], jnp.float32),
-            jax.random.normal(keys[1], (1, cfg.text_len, cfg.text_dim), jnp.bfloat16),
-        )
+        inputs = forward_inputs(cfg, shape)
         n_tok = shape[2] * (shape[3] // 2) * (shape[4] // 2)
         first = None
         for linears in args.linears:
@@ -103,7 +106,10 @@ def main(argv=None) -> int:
                 print(json.dumps(r), flush=True)
         if args.sampler_steps:
             dit.attention = as_spec(args.attention[0])
-            r = time_sampler(dit, inputs[2], shape, args.sampler_steps, args.iters)
+            sampler = turbojax.RCMSampler(dit, schedule=turbojax.RCMSchedule(num_steps=args.sampler_steps))
+            r = time_sampler(sampler, inputs[2], shape, args.iters, *inputs[3:])
+            r.update(compile_s=r.pop("first_call_s"), temp_gib=float("nan"), args_gib=float("nan"),
+                     rel_diff_vs_first=float("nan"))
             r.update(preset=preset, res=args.res, tokens=n_tok, linears=args.linears[-1],
                      attention=f"{args.attention[0]}, {args.sampler_steps}-step rCM sampler")
             rows.append(r)

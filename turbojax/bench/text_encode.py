@@ -20,16 +20,21 @@ import jax
 import numpy as np
 from flax import nnx
 
-from turbojax.bench.timing import report, time_compiled
+from turbojax.bench.timing import memory_stat, report, time_compiled
 from turbojax.models.umt5 import UMT5_PRESETS, UMT5Encoder
 from turbojax.text import TEXT_LEN, TextEncoder
 
 PROMPT_TOKENS = 120  # a typical augmented prompt; every row is computed anyway
 
 
-def random_encoder(preset: str, quantized: bool, seed: int = 0) -> TextEncoder:
+def random_umt5(preset: str, quantized: bool = False, seed: int = 0) -> UMT5Encoder:
+    """A umT5 module with random weights, initialised on the device in one compiled program."""
     cfg = UMT5_PRESETS[preset]
-    return TextEncoder(nnx.jit(lambda: UMT5Encoder(cfg, quantized=quantized, rngs=nnx.Rngs(seed)))())
+    return nnx.jit(lambda: UMT5Encoder(cfg, quantized=quantized, rngs=nnx.Rngs(seed)))()
+
+
+def random_encoder(preset: str, quantized: bool, seed: int = 0) -> TextEncoder:
+    return TextEncoder(random_umt5(preset, quantized, seed))
 
 
 def inputs(vocab: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,9 +46,9 @@ def inputs(vocab: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, (ids > 0).astype(np.int32)
 
 
-def _device_bytes(key: str) -> float:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats[key] / 2**30 if key in stats else float("nan")
+def _device_gib(key: str) -> float:
+    value = memory_stat(key)
+    return float("nan") if value is None else value / 2**30
 
 
 def run_variant(preset: str, quantized: bool, batch: int, iters: int) -> tuple[dict, np.ndarray]:
@@ -54,14 +59,14 @@ def run_variant(preset: str, quantized: bool, batch: int, iters: int) -> tuple[d
     args = (enc._weights(), *inputs(enc.cfg.vocab_size, batch))
     timings, compiled, out = time_compiled(lambda: enc._forward.lower(*args), args, iters, to_host=True)
     mem = compiled.memory_analysis()
-    peak = _device_bytes("peak_bytes_in_use")
+    peak = _device_gib("peak_bytes_in_use")
     enc.unload()
     row = {
         "preset": preset, "weights": "int8" if quantized else "bf16", "batch": batch,
         "median_ms": timings["median_ms"], "min_ms": timings["min_ms"],
         "init_s": init_s, "compile_s": timings["compile_s"], "weights_gib": weights_gib,
         "temp_gib": mem.temp_size_in_bytes / 2**30 if mem else float("nan"),
-        "peak_gib": peak, "after_unload_gib": _device_bytes("bytes_in_use"),
+        "peak_gib": peak, "after_unload_gib": _device_gib("bytes_in_use"),
     }
     return row, out
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from turbojax.bench.timing import report, time_compiled
+from turbojax.bench.timing import program_bytes, report, time_compiled
 from turbojax.models import vae as vae_mod
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "tiny": (64, 96)}
@@ -56,9 +56,8 @@ def time_decode(vae: vae_mod.WanVAE, z: jax.Array, iters: int) -> dict:
         lambda: vae_mod.jitted(vae_mod.decode_latents, vae.conv).lower(graphdef, state, z, True), (state, z), iters)
     mem = compiled.memory_analysis()
     gib = lambda n: n / 2**30
-    args, temp, outb = mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes
-    return {**timings, "args_gib": gib(args), "temp_gib": gib(temp), "out_gib": gib(outb),
-            "peak_gib": gib(args + temp + outb - mem.alias_size_in_bytes), "out": out}
+    return {**timings, "args_gib": gib(mem.argument_size_in_bytes), "temp_gib": gib(mem.temp_size_in_bytes),
+            "out_gib": gib(mem.output_size_in_bytes), "peak_gib": gib(program_bytes(compiled)), "out": out}
 
 
 @jax.jit
