@@ -1,6 +1,6 @@
 """The `turbojax` command line: `turbojax generate` (a prompt, or a prompt and an image, to an mp4) and `turbojax
 serve` (an interactive session that keeps the models loaded). Without checkpoints both run the embedded `tiny`
-preset, a smoke test with random weights."""
+preset, a smoke test with random weights. `turbojax bench` is the performance harness (turbojax/bench/harness.py)."""
 
 from __future__ import annotations
 
@@ -286,7 +286,15 @@ def serve(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from turbojax.bench.harness import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from turbojax.bench.harness import add_arguments as add_bench_args
+
     parser = argparse.ArgumentParser(prog="turbojax", description="TurboDiffusion's Wan video diffusion in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -300,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(srv)
     add_generation_args(srv, "out/serve-{n:03d}.mp4")
     srv.set_defaults(func=serve)
+
+    bnc = sub.add_parser("bench", help="performance harness: every part of the presets with random weights, timed "
+                                       "(a GPU; --preset tiny on a CPU)")
+    add_bench_args(bnc)
+    bnc.set_defaults(func=bench)
 
     args = parser.parse_args(argv)
     try:
