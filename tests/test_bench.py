@@ -1,8 +1,11 @@
-"""`turbojax bench` (the performance harness) on CPU: the tiny presets through every part, rows and reports with the
-documented schema, variants that do not exist or do not fit as rows with a reason, per-row processes, the
-persistent-cache part."""
+"""`turbojax bench` (the performance harness) and `turbojax.bench.profile` on CPU: the tiny presets through every
+part, rows and reports with the documented schema, variants that do not exist or do not fit as rows with a reason,
+per-row processes, the persistent-cache part; the profile's kernel classes on a synthetic GPU trace, and its clear
+refusal of a CPU trace."""
 
+import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.int8_matmul import reference as int8_reference
-from turbojax.bench import harness, parts
+from turbojax.bench import harness, parts, profile
 from turbojax.cli import main
 from turbojax.pipelines import pipeline as pipeline_module
 from turbojax.pipelines import tiny
@@ -195,3 +198,102 @@ def test_tiny_w8a8_dit_holds_the_reference_quantisation_of_its_float_weights():
     shared = q.time_projection.weight[...], dit.time_projection.weight[...]
     np.testing.assert_array_equal(*map(np.asarray, shared))
     assert q.blocks.ffn.fc1.int8_weight[...].dtype == np.int8 and q.blocks.ffn.fc1.weight is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# profile
+# ---------------------------------------------------------------------------------------------------------------
+
+GPU_KERNELS = [  # (name, duration in us, launches): names as an H100 trace spells them
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0", 4000.0, 2),
+    ("sla_sparse_attention", 1000.0, 1),
+    ("entry_mosaic_gpu_kernel", 900.0, 1),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+     "__5x_cublas", 3000.0, 3),
+    ("cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8", 500.0, 1),
+    ("w8a8_block_gemm", 700.0, 1),
+    ("loop_multiply_fusion", 300.0, 4),
+    ("input_reduce_fusion", 200.0, 1),
+    ("triton_softmax_1", 150.0, 1),
+    ("layer_norm_modulate", 250.0, 1),
+    ("MemcpyD2D", 100.0, 1),
+    ("cub::DeviceRadixSortOnesweepKernel", 50.0, 1),
+]
+
+
+def write_gpu_trace(path: Path) -> Path:
+    """A perfetto_trace.json.gz as jax.profiler writes it on a GPU: the device process with a stream thread and the
+    derived "XLA Ops" line (which repeats the kernels as HLO ops), and a host process."""
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 13, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 1, "tid": 101, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 701, "tid": 5, "name": "thread_name", "args": {"name": "python"}},
+        {"ph": "X", "pid": 701, "tid": 5, "ts": 0.0, "dur": 9e5, "name": "PjitFunction(_program_key)"},
+    ]
+    ts = 0.0
+    for name, dur, launches in GPU_KERNELS:
+        for _ in range(launches):
+            events.append({"ph": "X", "pid": 1, "tid": 13, "ts": ts, "dur": dur, "name": name,
+                           "args": {"hlo_op": "custom-call.3" if "mosaic" in name else "fusion.7"}})
+            events.append({"ph": "X", "pid": 1, "tid": 101, "ts": ts, "dur": dur, "name": "fusion.7"})
+            ts += dur
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+    return path
+
+
+@pytest.mark.parametrize("name, cls", [(n, c) for (n, *_), c in zip(GPU_KERNELS, [
+    "attention", "attention", "attention", "linears", "linears", "linears", "elementwise", "elementwise",
+    "elementwise", "elementwise", "other", "other"])] + [
+    ("sla_linear_state", "attention"), ("sagesla_sparse_fwd", "attention"), ("w8a8_quantize", "linears"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "linears"), ("wrapped_convert", "elementwise"),
+    ("layer_norm_modulate_quantize", "elementwise"), ("Memset", "other")])
+def test_kernel_names_classify(name, cls):
+    assert profile.classify(name, mosaic_class="attention") == cls
+
+
+def test_generic_mosaic_kernels_follow_their_hlo_op_or_the_default():
+    assert profile.classify("entry_mosaic_gpu_kernel", "jit(f)/sla_attention/pallas_call") == "attention"
+    assert profile.classify("entry_mosaic_gpu_kernel", "w8a8 int8_block_matmul") == "linears"
+    assert profile.classify("entry_mosaic_gpu_kernel", "custom-call.3") == "other"
+    assert profile.classify("sagesla_sparse_fwd_mosaic_mosaic_gpu_kernel") == "attention"  # a named one
+    kernels = [{"name": "entry_mosaic_gpu_kernel", "dur": 900.0, "hint": "custom-call.3"}]
+    summary = profile.summarize(kernels, runs=1, mosaic_class="other")
+    assert summary["classes"]["other"]["ms"] == summary["unnamed_mosaic_ms"] == 0.9
+    assert "0.9 ms per call in Mosaic GPU kernels whose names do not say" in profile.markdown(summary)
+
+
+def test_profile_classifies_a_synthetic_gpu_trace(tmp_path, capsys):
+    trace = write_gpu_trace(tmp_path / "perfetto_trace.json.gz")
+    out = tmp_path / "profile.json"
+    assert profile.main(["--trace", str(trace), "--runs", "2", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    total_ms = sum(d * n for _, d, n in GPU_KERNELS) / 1e3 / 2  # per run; the XLA Ops repeats and the host excluded
+    assert summary["kernel_ms"] == pytest.approx(total_ms)
+    want = {"attention": (8000 + 1000 + 900) / 2e3, "linears": (9000 + 500 + 700) / 2e3,
+            "elementwise": (1200 + 200 + 150 + 250) / 2e3, "other": 150 / 2e3}
+    assert {c: v["ms"] for c, v in summary["classes"].items()} == pytest.approx(want)
+    assert sum(v["percent"] for v in summary["classes"].values()) == pytest.approx(100.0)
+    assert summary["classes"]["linears"]["launches"] == 2.5 and summary["streams"] == ["Stream #13(Compute)"]
+    assert [t["name"][:12] for t in summary["top"][:3]] == ["sm90_xmma_ge", "cudnn_genera", "loop_multipl"]
+    assert summary["top"][0]["percent"] == pytest.approx(100 * 9000 / (2e3 * total_ms))
+    printed = capsys.readouterr().out
+    assert "| attention | 5.0 | 44.9 | 2 |" in printed and "top 12 kernels" in printed
+
+
+def test_profile_refuses_a_trace_without_kernels(tmp_path):
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "pid": 1, "tid": 101, "name": "thread_name", "args": {"name": "XLA Ops"}},
+              {"ph": "X", "pid": 1, "tid": 101, "ts": 0, "dur": 5, "name": "fusion.1"}]
+    with pytest.raises(profile.NoKernelEvents, match="its GPU processes have no kernel events"):
+        profile.kernel_events(events)
+
+
+def test_profile_on_cpu_says_there_are_no_kernel_events(tmp_path, capsys):
+    assert profile.main(["--preset", "tiny", "--steps", "1", "--attention", "dense", "--dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "trace:" in captured.out and "|" not in captured.out  # no table of zeros
+    assert re.search(r"no GPU kernel events: it has no GPU process .*/host:CPU \(\d+ events\).*profile on a GPU",
+                     captured.err)
