@@ -216,7 +216,7 @@ def test_sage_sla_attention_refusals():
 
 def test_dit_attention_spec_runs_sagesla():
     """The DiT's self-attention entry point: attention "sagesla" (a name or a spec) runs SageSLA with the spec's
-    block map parameters and the layer's proj_l."""
+    implementation, block map parameters and the layer's proj_l."""
     from turbojax.models.attention import AttentionSpec, as_spec, self_attention
 
     assert as_spec("sagesla") == AttentionSpec("sagesla") and as_spec("sagesla_reference").implementation == "reference"
@@ -224,7 +224,7 @@ def test_dit_attention_spec_runs_sagesla():
         AttentionSpec("sagesla", "cudnn")
     q, k, v = _inputs(12, 1, 96, 2, 32)
     w, bias = jnp.eye(32, dtype=jnp.bfloat16), jnp.full((32,), 0.1, jnp.bfloat16)
-    spec = AttentionSpec("sagesla", topk=0.5, block_q=16, block_k=32)
+    spec = AttentionSpec("sagesla", "reference", topk=0.5, block_q=16, block_k=32)
     out = jax.jit(functools.partial(self_attention, spec=spec))(q, k, v, proj_w=w, proj_b=bias)
     expected = sage_reference.sage_sla_attention(q, k, v, topk=0.5, block_q=16, block_k=32, proj_w=w, proj_b=bias)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
