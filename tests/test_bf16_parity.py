@@ -40,6 +40,7 @@ import pytest
 import turbojax
 import turbojax.checkpoint
 from convert.cli import convert
+from pallas_kernels.norms import reference as norms_reference
 from turbojax.models import layers, wan_dit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dit"
@@ -154,7 +155,8 @@ def _family(name):
 # name -> (load_dit kwargs, [(module, attribute, replacement)])
 TURBO_WRONG = {
     "fp32 residual": ({"residual_dtype": f32}, []),
-    "stock q/k RMSNorm rounding": ({}, [(layers, "rms_norm", _rms_stock_rounding)]),
+    "stock q/k RMSNorm rounding": ({}, [(layers, "rms_norm", _rms_stock_rounding),
+                                        (norms_reference, "rms_norm", _rms_stock_rounding)]),
     "stock family (fp32 residual + stock norms)": ({}, [(turbojax.checkpoint, "config_from_meta", _family("wan"))]),
 }
 
@@ -184,8 +186,10 @@ def test_stock_bf16_dtype_flow_matches_oracle(converted, io):
 
 STOCK_WRONG = {
     "bf16 residual": ({"residual_dtype": bf16}, []),
-    "fused q/k RMSNorm rounding": ({}, [(layers, "rms_norm", _rms_fused_rounding)]),
-    "q/k norm rounded to bf16 before RoPE": ({}, [(layers, "rms_norm", _rms_bf16_out)]),
+    "fused q/k RMSNorm rounding": ({}, [(layers, "rms_norm", _rms_fused_rounding),
+                                        (norms_reference, "rms_norm", _rms_fused_rounding)]),
+    "q/k norm rounded to bf16 before RoPE": ({}, [(layers, "rms_norm", _rms_bf16_out),
+                                                  (norms_reference, "rms_norm", _rms_bf16_out)]),
     "TurboDiffusion family": ({}, [(turbojax.checkpoint, "config_from_meta", _family("turbodiffusion"))]),
 }
 

@@ -21,7 +21,7 @@ Parts, one row each per preset (the DiT parts once per --attention x --linears v
 - compile-cache: the first generation in a fresh process, twice, with JAX's persistent compilation cache in a new
   folder: cold cache (first_call_s), then warm (extra.warm_first_call_s), per-stage seconds for both.
 
-A variant that does not exist (attention "sagesla" while turbojax lacks it; mp4 without imageio-ffmpeg) is a row
+A variant that does not exist here (e.g. an attention kernel the device lacks; mp4 without imageio-ffmpeg) is a row
 with status "unavailable" and the reason; one that does not fit, status "oom"; any other failure, "error" with the
 exception (and extra.traceback); a worker past --timeout, "timeout". Rows print as they complete and the JSON and
 markdown files are rewritten after each, so an interrupted run keeps what it measured.
