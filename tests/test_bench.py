@@ -193,6 +193,23 @@ def test_goals_take_the_best_measured_row():
     assert "| diffusion only, 1.3B-480p (4-step sampler) | 0.45 s | 0.400 s | sla, float | 0.89x | yes |" in text
 
 
+def test_split_runs_merge_into_one_report(i2v_run, tmp_path, capsys):
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps(i2v_run[1]))
+    fast = harness.make_row({"preset": "1.3b-480p", "part": "sampler", "attention": "sla", "linears": "float"},
+                            status="ok", median_ms=420.0)
+    (tmp_path / "b.json").write_text(json.dumps({"rows": [fast], "goals": []}))
+    out = tmp_path / "all.json"
+    assert main(["bench", "--merge", str(first), str(tmp_path / "b.json"), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["rows"] == i2v_run[1]["rows"] + [fast]
+    assert merged["goals"][0]["value"] == 0.42 and merged["goals"][0]["met"]
+    assert "| 1.3b-480p | sampler | sla | float | ok | 420.0 |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["bench", "--merge", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not a turbojax bench --json report (TypeError" in capsys.readouterr().err
+
+
 def test_tiny_w8a8_dit_holds_the_reference_quantisation_of_its_float_weights():
     dit = tiny.tiny_dit(0)
     q = parts.w8a8_copy(dit)

@@ -3,6 +3,7 @@
     turbojax bench --preset 1.3b-480p --json out/bench.json --markdown out/bench.md       # everything, on a GPU
     turbojax bench --preset 14b-720p --parts sampler --attention sla --linears w8a8 --iters 2
     turbojax bench --preset tiny --json out/tiny.json                                    # CPU smoke run
+    turbojax bench --merge out/bench.json out/14b.json --markdown out/all.md   # one report of split runs
 
 Presets (parts.PRESETS; random weights at the real shapes, 81 frames, 16:9): 1.3b-480p, 14b-480p, 14b-720p,
 a14b-i2v-720p (two experts, sigma_max 200, the image condition), and the CPU smoke presets tiny and tiny-i2v.
@@ -372,6 +373,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds a row's process may run before it is killed")
     p.add_argument("--json", help="write the rows and goals here (rewritten after each row)")
     p.add_argument("--markdown", help="write the markdown tables here (rewritten after each row)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: the rows of these earlier --json files (a run split over several "
+                        "commands) as one report, goals included")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -383,19 +387,36 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--timeout must be positive seconds, got {args.timeout}")
 
 
+def merged_rows(paths: list[str]) -> list[dict]:
+    """The rows of earlier --json reports, in order."""
+    rows = []
+    for path in paths:
+        try:
+            rows += json.loads(Path(path).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--merge {path}: not a turbojax bench --json report ({type(e).__name__}: {e})") from None
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs the planned rows, printing each and rewriting the reports; 1 if any row errored or timed out."""
+    """Runs the planned rows (or merges earlier reports), printing each row and rewriting the reports; 1 if any row
+    errored or timed out."""
     check_arguments(args)
-    isolate = args.isolate == "subprocess" or (args.isolate == "auto"
-                                               and not set(args.preset) <= set(TINY_PRESETS))
-    tasks = plan(args.preset, args.parts, args.attention, args.linears, args.frames, args.iters, args.sla_topk)
-    print(f"turbojax bench: {len(tasks)} rows, {'one process each' if isolate else 'in this process'}", flush=True)
-    rows: list[dict] = []
-    goal_rows = goals(rows)
-    for task in tasks:
-        rows.append(run_task(task, isolate, args.timeout))
-        print(summary_line(rows[-1]), flush=True)
+    if args.merge:
+        rows = merged_rows(args.merge)
         goal_rows = write_reports(rows, args.json, args.markdown)
+    else:
+        isolate = args.isolate == "subprocess" or (args.isolate == "auto"
+                                                   and not set(args.preset) <= set(TINY_PRESETS))
+        tasks = plan(args.preset, args.parts, args.attention, args.linears, args.frames, args.iters, args.sla_topk)
+        print(f"turbojax bench: {len(tasks)} rows, {'one process each' if isolate else 'in this process'}",
+              flush=True)
+        rows: list[dict] = []
+        goal_rows = goals(rows)
+        for task in tasks:
+            rows.append(run_task(task, isolate, args.timeout))
+            print(summary_line(rows[-1]), flush=True)
+            goal_rows = write_reports(rows, args.json, args.markdown)
     print("\n" + markdown(rows, goal_rows), end="")
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
