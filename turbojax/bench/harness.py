@@ -366,7 +366,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", nargs="+", default=list(PART_NAMES), choices=PART_NAMES,
                    help="what to measure (default all)")
     p.add_argument("--iters", type=int, default=3, help="timed calls after the first (default 3)")
-    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the preset's, 81; tiny 5)")
+    p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the preset's, 81; tiny 1)")
     p.add_argument("--sla-topk", type=float, default=0.1, help="SLA's kept key-block share (default 0.1)")
     p.add_argument("--isolate", default="auto", choices=["auto", "subprocess", "none"],
                    help="one fresh process per row, for per-row peak memory (auto: yes unless only tiny presets)")

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="wan2.1-t2v-1.3b", help="DiT preset (tiny: a CPU smoke run)")
     p.add_argument("--res", help="480p or 720p (tiny: tiny; default 480p)")
-    p.add_argument("--frames", type=int, help="pixel frames (default 81; tiny 5)")
+    p.add_argument("--frames", type=int, help="pixel frames (default 81; tiny 1)")
     p.add_argument("--steps", type=int, default=4, help="rCM steps (default 4)")
     p.add_argument("--attention", default="sla", choices=["dense", "sla", "sagesla"])
     p.add_argument("--linears", default="float", choices=["float", "w8a8"],
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = args.preset == "tiny"
     config = {"preset": args.preset, "res": args.res or ("tiny" if tiny else "480p"),
-              "frames": args.frames or (5 if tiny else 81), "steps": args.steps, "attention": args.attention,
+              "frames": args.frames or (1 if tiny else 81), "steps": args.steps, "attention": args.attention,
               "linears": args.linears, "runs": args.runs}
     walls, device = [], None
     if args.trace:
