@@ -269,6 +269,7 @@ def int8_block_matmul(
         grid_names=("tiles",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
+        kernel_name="w8a8_block_gemm_mosaic",  # how profiles (turbojax.bench.profile) tell it from other Mosaic kernels
     )(*args)
     return out[:m] if m_pad != m else out
 

@@ -192,5 +192,6 @@ def sparse_attention(
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
+        kernel_name="sla_sparse_fwd_mosaic",  # how profiles (turbojax.bench.profile) tell it from other Mosaic kernels
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(lut.astype(jnp.int32), q, k, v)
