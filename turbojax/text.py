@@ -101,12 +101,16 @@ def _check_prompts(prompts) -> list[str]:
     return list(prompts)
 
 
+# Module-level jits with the graph structure static: an encoder loaded again (a pipeline that frees it after each
+# prompt) reuses the compiled program instead of tracing and compiling umT5 anew.
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, ids, mask):
     return nnx.merge(graphdef, state)(ids, mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _encode(graphdef, state, ids, mask):
-    out = _forward(graphdef, state, ids, mask)
+    out = nnx.merge(graphdef, state)(ids, mask)
     return jnp.where(mask[..., None].astype(bool), out, jnp.zeros((), out.dtype))
 
 
@@ -122,9 +126,7 @@ class TextEncoder:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the encoder's "
                              f"{self.cfg.vocab_size} embeddings: they do not belong together")
         self.tokenizer = tokenizer
-        graphdef, self._state = nnx.split(model)
-        self._forward = jax.jit(functools.partial(_forward, graphdef))
-        self._encode = jax.jit(functools.partial(_encode, graphdef))
+        self._graphdef, self._state = nnx.split(model)
 
     @property
     def loaded(self) -> bool:
@@ -146,7 +148,7 @@ class TextEncoder:
         """ids [B, L] int token ids, mask [B, L] (1 = real token) -> hidden states [B, L, dim] in the encoder's
         dtype, every row computed (no zeroing)."""
         _check_ids(ids, mask, self.cfg.vocab_size)
-        return self._forward(self._weights(), jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+        return _forward(self._graphdef, self._weights(), jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
 
     def encode(self, prompts: Sequence[str]) -> jax.Array:
         """Prompts -> [B, 512, dim] in the encoder's dtype, rows at and past each prompt's length zero."""
@@ -154,7 +156,7 @@ class TextEncoder:
             raise RuntimeError("this text encoder has no tokenizer (none was found beside the converted checkpoint); "
                                "pass tokenizer='.../google/umt5-xxl/spiece.model' to turbojax.load_text_encoder")
         ids, mask = self.tokenizer(prompts)
-        return self._encode(self._weights(), jnp.asarray(ids), jnp.asarray(mask))
+        return _encode(self._graphdef, self._weights(), jnp.asarray(ids), jnp.asarray(mask))
 
     def unload(self) -> None:
         """Frees the encoder's device memory now (not at garbage collection); later calls raise."""
