@@ -1,6 +1,7 @@
 """Video and image I/O: the reference's uint8 mapping, mp4 round trips, atomic writes, I2V image loading."""
 
 import imageio.v2 as imageio
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -32,6 +33,22 @@ def test_to_uint8_is_the_reference_mapping():
     # bf16 decoder output goes through the same fp32 arithmetic.
     assert np.array_equal(turbojax.to_uint8(exact.astype(ml_dtypes.bfloat16)),
                           turbojax.to_uint8(exact.astype(ml_dtypes.bfloat16).astype(np.float32)))
+
+
+def test_frames_uint8_on_the_device_is_to_uint8():
+    """The device mapping equals the host reference bit for bit (every level, every rounding boundary and its
+    neighbours, clamping, bf16 input) and lays the frames out [B, T, H, W, 3]."""
+    k = np.arange(256)
+    bound = (2 * (k[:-1] + 0.5) / 255 - 1).astype(np.float32)
+    values = np.concatenate([(k / 127.5 - 1.0).astype(np.float32), bound, np.nextafter(bound, np.float32(-2)),
+                             np.nextafter(bound, np.float32(2)), np.float32([-3.0, 7.0, 0.0])])
+    rng = np.random.default_rng(0)
+    values = np.concatenate([values, rng.uniform(-1.1, 1.1, 2 * 3 * 5 * 4 * 8 * 3 - values.size).astype(np.float32)])
+    video = rng.permutation(values).reshape(2, 3, 5, 4 * 8, 3)
+    for x in (video, video.astype(ml_dtypes.bfloat16)):
+        got = video_mod.frames_uint8(jnp.asarray(x))
+        assert got.dtype == np.uint8 and got.shape == (2, 5, 32, 3, 3)
+        np.testing.assert_array_equal(got, turbojax.to_uint8(x).transpose(0, 2, 3, 4, 1))
 
 
 def _gradient_video(batch=2, frames=9, h=16, w=24) -> np.ndarray:

@@ -39,7 +39,7 @@ from turbojax.pipelines import sizes, tiny
 from turbojax.pipelines.experts import ExpertBank, both_fit, device_memory_limit, tree_bytes
 from turbojax.sampling.rcm import RCMSchedule, draw_noise, rcm_step
 from turbojax.text import FORMAT as UMT5_FORMAT, TOKENIZER_FILE, TextEncoder, load_text_encoder
-from turbojax.video import FPS, image_size, image_to_video, load_image, to_uint8, write_mp4
+from turbojax.video import FPS, frames_uint8, image_size, image_to_video, load_image, write_mp4
 
 MASK_CHANNELS = 4
 T2V_DEFAULTS = dict(num_steps=4, sigma_max=80.0, num_frames=81, resolution="480p", aspect_ratio="16:9", seed=0,
@@ -352,8 +352,7 @@ class _Pipeline:
         timings["diffusion"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        pixels = np.asarray(jax.device_get(self.vae.decode(denormalize_latents(latents))))  # [B, 3, T, H, W]
-        frames = to_uint8(pixels).transpose(0, 2, 3, 4, 1)
+        frames = frames_uint8(self.vae.decode(denormalize_latents(latents)))  # [B, T, H, W, 3] uint8
         timings["vae_decode"] = time.perf_counter() - start
         if self.verbose:
             print(f"timings: {format_timings(timings)}")
