@@ -163,6 +163,48 @@ def test_quantizer_amax_floor(impl):
     assert q[3, 130] == 1 and q[4, 300] == 127 and np.count_nonzero(q) == 2
 
 
+def _pallas_calls(jaxpr) -> list:
+    """Every pallas_call equation of a jaxpr, looking inside jit, scan, custom_vmap and the other sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _pallas_calls(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _pallas_calls(sub)
+    return found
+
+
+@pytest.mark.parametrize("in_axes", [0, 1])
+def test_triton_quantizer_under_vmap_is_bit_exact_per_element(in_axes):
+    """vmap (the DiT's init over the stacked block Linears) quantises each element as its own matrix."""
+    xs = jnp.stack([_tiles_of_many_scales(i, 130, 260) for i in range(3)], axis=in_axes)
+    q, s = jax.vmap(functools.partial(triton.quantize_blockwise, interpret=not ON_GPU), in_axes=in_axes)(xs)
+    for i in range(3):
+        want_q, want_s = np_quantize(jnp.take(xs, i, axis=in_axes))
+        np.testing.assert_array_equal(np.asarray(q[i]), want_q)
+        np.testing.assert_array_equal(np.asarray(s[i]), want_s)
+
+
+def test_w8a8_dit_init_quantises_one_layer_per_triton_call(monkeypatch):
+    """On a GPU the 14B W8A8 DiT's init quantises the stacked FFN weights [40, 13824, 5120] under nnx.vmap. Batched
+    into one pallas_call, the int8 output (2.8e9 elements, under 2^32 bytes) got Pallas-Triton's 32-bit offsets,
+    wrapped negative from layer 30 on: CUDA_ERROR_ILLEGAL_ADDRESS (or silent corruption) on an H200. Every Triton
+    call must see one layer's [N, K], within `_check_offsets`. Traced with the GPU dispatch, nothing allocated."""
+    monkeypatch.setattr(int8_matmul, "default_implementation", lambda *shape: "triton")
+    cfg = turbojax.get_preset("wan2.1-t2v-14b")
+    jaxpr = jax.make_jaxpr(lambda: nnx.state(turbojax.WanDiT(cfg, linears="w8a8", rngs=nnx.Rngs(0))))()
+    calls = _pallas_calls(jaxpr.jaxpr)
+    assert len(calls) == len(wan_dit.QUANT_LINEARS)
+    for eqn in calls:
+        for var in (*eqn.invars, *eqn.outvars):
+            assert var.aval.ndim == 2 and var.aval.size < 2**31, var.aval
+
+
 def test_quantizer_refuses_fp32_and_non_matrices():
     with pytest.raises(TypeError, match="bf16 or fp16"):
         int8_matmul.quantize_blockwise(jnp.zeros((4, 4), jnp.float32))

@@ -121,22 +121,48 @@ def _quantize_kernel(x_ref, q_ref, s_ref, *, m, k, interpret):
     pltr.store(s_ref.at[pl.ds(i, 1), pl.ds(j, 1)], amax / 128.0)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
 def quantize_blockwise(x: jax.Array, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """`reference.quantize_blockwise` as one pass over x [M, K]: (q int8 [M, K], scale fp32 [ceil(M/128),
-    ceil(K/128)])."""
+    ceil(K/128)]).
+
+    Under vmap (the DiT's init quantises each stacked block Linear, [layers, N, K]) the kernel runs once per batch
+    element (lax.map), not as one pallas_call over the stacked array: Pallas-Triton picks 32-bit offsets for
+    arrays up to 2^32 bytes, so a batched int8 output of 2^31 to 2^32 elements (14B's FFN: 40 x 13824 x 5120)
+    would be addressed with wrapped-around negative offsets (an illegal or corrupting access), and
+    `_check_offsets` sees only one element's shape."""
+    return _per_element_under_vmap(interpret)(x)
+
+
+@functools.cache
+def _per_element_under_vmap(interpret: bool):
+    @jax.custom_batching.custom_vmap
+    def quantize(x):
+        return _quantize(x, interpret=interpret)
+
+    @quantize.def_vmap
+    def _rule(axis_size, in_batched, x):
+        del axis_size
+        if not in_batched[0]:
+            return quantize(x), (False, False)
+        return jax.lax.map(quantize, x), (True, True)
+
+    return quantize
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _quantize(x: jax.Array, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
     check_quantize_input(x)
     m, k = x.shape
     _check_offsets(x=(m, k))
     grid = (num_blocks(m), num_blocks(k))
-    return pl.pallas_call(
+    return tuple(pl.pallas_call(
         functools.partial(_quantize_kernel, m=m, k=k, interpret=interpret),
         grid=grid,
         out_shape=[jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct(grid, f32)],
         compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="w8a8_quantize",
-    )(x)
+    )(x))
 
 
 def _grouped_tile(pid, grid_m: int, grid_n: int, group_m: int):
