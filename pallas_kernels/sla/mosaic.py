@@ -138,18 +138,24 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
         def fetch_v(t, slot):
             plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows(t), hi], v_smem.at[slot], v_loaded.at[slot])
 
-        for t in range(slots):
-            fetch_k(t, t)
-            fetch_v(t, t)
+        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_sel=n_sel)
 
-        @pl.loop(slots, n_sel)
-        def _refill(t):
-            # K and V of a slot are released separately (S = QK^T finishes before P.V), so refill them separately.
-            slot = lax.rem(t, slots)
-            plgpu.barrier_wait(k_consumed.at[slot])
-            fetch_k(t, slot)
-            plgpu.barrier_wait(v_consumed.at[slot])
-            fetch_v(t, slot)
+
+def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_sel: int) -> None:
+    """The memory warpgroup's loop over the n_sel selected key blocks: fill the `slots` ring, then refill slot
+    t % slots with block t once the compute warpgroups released it. fetch_k/fetch_v(t, slot) issue the TMA copies.
+    K and V of a slot are released separately (S = QK^T finishes before P.V), so they are refilled separately."""
+    for t in range(slots):
+        fetch_k(t, t)
+        fetch_v(t, t)
+
+    @pl.loop(slots, n_sel)
+    def _refill(t):
+        slot = lax.rem(t, slots)
+        plgpu.barrier_wait(k_consumed.at[slot])
+        fetch_k(t, slot)
+        plgpu.barrier_wait(v_consumed.at[slot])
+        fetch_v(t, slot)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "config"))

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS
+from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring
 from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
 
 
@@ -157,18 +157,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             cols = pl.ds(lut_row[t] * block_k, block_k)
             plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, cols], v_smem.at[slot], v_loaded.at[slot])
 
-        for t in range(slots):
-            fetch_k(t, t)
-            fetch_v(t, t)
-
-        @pl.loop(slots, n_sel)
-        def _refill(t):
-            # K and V of a slot are released separately (S = QK^T finishes before P.V), so refill them separately.
-            slot = lax.rem(t, slots)
-            plgpu.barrier_wait(k_consumed.at[slot])
-            fetch_k(t, slot)
-            plgpu.barrier_wait(v_consumed.at[slot])
-            fetch_v(t, slot)
+        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_sel=n_sel)
 
         # Observe each slot's last release too: nothing is refilled, but every barrier phase is then waited for,
         # which the GPU interpreter's race detector checks when the barriers are freed.
