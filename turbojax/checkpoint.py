@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from pallas_kernels import int8_matmul
 from pallas_kernels.int8_matmul import reference as int8_reference
 from turbojax.models.attention import AttentionSpec, as_spec
 from turbojax.models.config import WanConfig
@@ -154,7 +155,9 @@ def _dequantize_tree(tree: dict) -> dict:
     return {k: _dequantize_tree(v) for k, v in tree.items()}
 
 
-_quantize_jit = jax.jit(int8_reference.quantize_blockwise)
+# The dispatcher's quantiser: the reference on a CPU, the Triton kernel on a GPU. Both are bit-exact; the pure-jnp
+# reference run on a GPU is not (XLA's fp32 division there is not correctly rounded: tests/test_int8_matmul.py).
+_quantize_jit = jax.jit(int8_matmul.quantize_blockwise)
 
 
 def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
