@@ -10,8 +10,9 @@ warpgroups:
   one memory warpgroup streams the x and w K-tiles by TMA into a ring of `max_concurrent_steps` shared-memory slots.
 Both operands stay K-contiguous ([M, K] and [N, K]): 8-bit wgmma takes only K-major operands.
 Every 128 x 128 piece of the output is one scale block, so sx * sw is one scalar per K step and 128 columns.
-int32 -> fp32, exactly: the accumulator starts at the bits of 1.5 * 2^23 (`MAGIC_BITS`), so after the dot its bits
-read as the float 1.5 * 2^23 + sum (|sum| <= 2^21), and one subtraction recovers the sum (no conversion instruction).
+int32 -> fp32 is exact either way (|block sum| <= 2^21): cvt.rn.f32.s32 (the default, measured ~10% faster), or
+`int_to_float="magic"`: the accumulator starts at the bits of 1.5 * 2^23 (`MAGIC_BITS`), so after the dot its bits
+read as the float 1.5 * 2^23 + sum, and one subtraction recovers the sum (no conversion, but a seeding move).
 Tiles are visited in groups of `group_m` row tiles per column tile, so the x rows of a group stay in L2.
 The epilogue rounds to the output dtype, adds the bias in that dtype (`reference.round_and_add_bias`) and stores by
 TMA, which drops the rows past M (32,760-token activations need no padding; a row count that is not a multiple of 8,
