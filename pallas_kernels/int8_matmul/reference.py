@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.rounding import exact_f32
+
 f32 = jnp.float32
 BLOCK = 128
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -75,15 +77,6 @@ def _k_blocks(q: jax.Array) -> jax.Array:
 def _row_scales(scale: jax.Array, rows: int) -> jax.Array:
     """Tile scales [ceil(R/128), kt] -> one per row and K block, [kt, R]."""
     return jnp.repeat(scale, BLOCK, axis=0)[:rows].T
-
-
-def exact_f32(y: jax.Array) -> jax.Array:
-    """y (bf16/fp16/fp32) in fp32 holding exactly y's values. Under jit XLA may drop an fp32 -> bf16 -> fp32 round
-    trip (xla_allow_excess_precision); reduce_precision keeps the rounding the spec puts before the bias add."""
-    if y.dtype == f32:
-        return y
-    info = jnp.finfo(y.dtype)
-    return jax.lax.reduce_precision(y.astype(f32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def round_and_add_bias(acc: jax.Array, out_dtype, bias: jax.Array | None) -> jax.Array:

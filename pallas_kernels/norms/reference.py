@@ -25,18 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.int8_matmul.reference import INPUT_DTYPES, quantize_blockwise
+from pallas_kernels.rounding import exact_f32
 
 f32 = jnp.float32
-
-
-def exact_f32(x: jax.Array) -> jax.Array:
-    """x in fp32, holding exactly x's (possibly bf16) values. Under jit XLA may keep an fp32 intermediate where the
-    program rounds to bf16 (xla_allow_excess_precision, on by default); reduce_precision pins the rounding."""
-    x32 = x.astype(f32)
-    if x.dtype == f32:
-        return x32
-    info = jnp.finfo(x.dtype)
-    return jax.lax.reduce_precision(x32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: jax.Array | None = None):

@@ -15,7 +15,8 @@ head), with q, k, v [L, D] after the q/k RMSNorm and RoPE, in the order upstream
                 The divisions by the constants 127 and 2.25 are written as products with f32(1/127) and f32(1/2.25):
                 XLA rewrites them so anyway, and upstream's may differ by an ulp (Triton's default fp32 division is
                 approximate), so a value within an ulp of a .5 tie may land on the other integer. Divisions by
-                data (x/scale, 2.25/amax) are IEEE.
+                data (x/scale, 2.25/amax) are IEEE on the CPU; on a GPU XLA's fp32 division is not correctly
+                rounded (tests/test_int8_matmul.py), with the same effect on near-tie values.
   logits        base 2: s = f32(q8.k8 in int32) * (c * (q_scale_i * k_scale_j)), c = f32(f32(1/sqrt(D)) * log2 e);
                 keys past L get -inf.
   softmax, P.V  online over the LUT's key blocks in ascending order (the order upstream's delta-coded LUT walks):
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.rounding import exact_f32
 from pallas_kernels.sla.reference import _einsum, _pad_blocks, _to_heads, add_linear_branch, block_map
 
 f32 = jnp.float32
@@ -60,8 +62,8 @@ def base2_scale(head_dim: int) -> np.float32:
 def smooth_keys(k: jax.Array) -> jax.Array:
     """k - mean_L(k) over the tokens of each (batch, head), mean and difference rounded to k's dtype.
     k [B, L, H, D] -> same shape and dtype."""
-    km = jnp.mean(k.astype(f32), axis=1, keepdims=True).astype(k.dtype)
-    return k - km
+    km = exact_f32(jnp.mean(k.astype(f32), axis=1, keepdims=True).astype(k.dtype))
+    return exact_f32(exact_f32(k) - km).astype(k.dtype)  # pinned: under jit XLA could keep k - km in fp32
 
 
 def quantize_blocks(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
