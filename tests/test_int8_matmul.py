@@ -331,6 +331,12 @@ def test_dispatch_and_triton_config_rules():
     assert int8_matmul.default_implementation(256, 1536, 1536) == (
         "mosaic" if hopper else "triton" if ON_GPU else "reference")
     assert int8_matmul.default_implementation(256, 200, 128) == ("triton" if ON_GPU else "reference")
+    with pytest.raises(ValueError, match="a MosaicConfig does not apply to the 'triton' implementation"):
+        int8_matmul.int8_block_matmul(*_random_operands(0, 8, 128, 128), implementation="triton",
+                                      config=mosaic.MosaicConfig())
+    with pytest.raises(ValueError, match="a GemmConfig does not apply to the 'reference' implementation"):
+        int8_matmul.int8_block_matmul(*_random_operands(0, 8, 128, 128), implementation="reference",
+                                      config=int8_matmul.GemmConfig())
     with pytest.raises(ValueError, match="unknown W8A8 implementation 'pallas'"):
         int8_matmul.quantize_blockwise(jnp.zeros((4, 4), jnp.bfloat16), implementation="pallas")
     with pytest.raises(ValueError, match="block_m must divide 128"):

@@ -40,6 +40,15 @@ def _pick(implementation: str | None, *shape) -> str:
     return impl
 
 
+def _check_config(impl: str, config) -> None:
+    """A launch config belongs to one kernel; with implementation=None the kernel depends on the device."""
+    if config is None or isinstance(config, {"mosaic": MosaicConfig, "triton": GemmConfig}.get(impl, ())):
+        return
+    raise ValueError(f"a {type(config).__name__} does not apply to the {impl!r} implementation (the reference takes "
+                     "none); pass implementation= with its kernel's config: GemmConfig for 'triton', MosaicConfig "
+                     "for 'mosaic'")
+
+
 def quantize_blockwise(x: jax.Array, *, implementation: str | None = None, interpret: bool = False):
     """x [M, K] bf16/fp16 -> (q int8 [M, K], scale fp32 [ceil(M/128), ceil(K/128)]): TurboDiffusion's quantiser."""
     if _pick(implementation) in ("triton", "mosaic"):
@@ -56,6 +65,7 @@ def int8_block_matmul(
     [ceil(N/128), ceil(K/128)] -> [M, N] out_dtype, exact int32 per 128-wide K block, fp32 across blocks; bias [N]
     is added after the rounding to out_dtype. config: the chosen kernel's launch parameters."""
     impl = _pick(implementation, x_q.shape[0], x_q.shape[1], w_q.shape[0])
+    _check_config(impl, config)
     if impl == "mosaic":
         return mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype, bias=bias, config=config)
     if impl == "triton":

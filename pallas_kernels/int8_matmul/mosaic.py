@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.int8_matmul.reference import BLOCK, check_gemm_operands, num_blocks
-from pallas_kernels.int8_matmul.triton import MAGIC, MAGIC_BITS, quantize_blockwise
+from pallas_kernels.int8_matmul.triton import MAGIC, MAGIC_BITS
 
 f32 = jnp.float32
 WG_ROWS = 64  # output rows per compute warpgroup (the wgmma M)
@@ -146,7 +146,7 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             return tuple(acc + part * scale for acc, part, scale in zip(accs, sums, scales))
 
         def overlapped(acc):
-            """n_sub == 1, k_steps even: two int32 accumulators, so K block t + 1's wgmma runs while block t is
+            """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs while block t is
             promoted (wait_n=1 leaves one product in flight)."""
             seeded = plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
 
@@ -181,7 +181,9 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             return pl.run_scoped(run, acc_type, acc_type)
 
         zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, BLOCK), f32), plgpu.Layout.WGMMA)
-        if cfg.overlap and n_sub == 1 and k_steps % 2 == 0:
+        # Two products in flight need two ring slots: with one, issuing block t + 1 would wait for the release of
+        # block t, which comes only after it is retired.
+        if cfg.overlap and n_sub == 1 and k_steps % 2 == 0 and slots >= 2:
             accs = (overlapped(zeros),)
         else:
             accs = lax.fori_loop(0, k_steps, step, (zeros,) * n_sub)
@@ -273,10 +275,3 @@ def int8_block_matmul(
         kernel_name="w8a8_block_gemm_mosaic",  # how profiles (turbojax.bench.profile) tell it from other Mosaic kernels
     )(*args)
     return out[:m] if m_pad != m else out
-
-
-def int8_linear(x, w_q, w_scale, bias=None, *, config: MosaicConfig | None = None):
-    """`reference.int8_linear` with the Triton quantiser and this GEMM: x [..., K] bf16/fp16 -> [..., N]."""
-    q, s = quantize_blockwise(x.reshape(-1, x.shape[-1]))
-    y = int8_block_matmul(q, s, w_q, w_scale, out_dtype=x.dtype, bias=bias, config=config)
-    return y.reshape(*x.shape[:-1], w_q.shape[0])

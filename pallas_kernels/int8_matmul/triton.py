@@ -239,10 +239,3 @@ def int8_block_matmul(
         interpret=interpret,
         name="w8a8_block_gemm",
     )(*args)
-
-
-def int8_linear(x, w_q, w_scale, bias=None, *, config: GemmConfig = GemmConfig(), interpret: bool = False):
-    """`reference.int8_linear` with both kernels: x [..., K] bf16/fp16 -> [..., N] in x's dtype."""
-    q, s = quantize_blockwise(x.reshape(-1, x.shape[-1]), interpret=interpret)
-    y = int8_block_matmul(q, s, w_q, w_scale, out_dtype=x.dtype, bias=bias, config=config, interpret=interpret)
-    return y.reshape(*x.shape[:-1], w_q.shape[0])
