@@ -50,8 +50,10 @@ def _levels(scaled: jax.Array) -> jax.Array:
 
 def frames_uint8(pixels: jax.Array) -> np.ndarray:
     """Decoded video [B, 3, T, H, W] on the device -> uint8 frames [B, T, H, W, 3] on the host, bit for bit
-    `to_uint8` but computed on the device: only the uint8 frames cross to the host (a quarter of fp32's bytes)."""
-    return np.asarray(jax.device_get(_levels(_scaled(pixels))))
+    `to_uint8` but computed on the device, a frame at a time (the fp32 intermediate stays one frame, not a second
+    copy of the video beside the decoded one); only uint8 crosses to the host."""
+    frames = [_levels(_scaled(pixels[:, :, t:t + 1])) for t in range(pixels.shape[2])]
+    return np.concatenate(jax.device_get(frames), axis=1)
 
 
 def tile_batch(video: np.ndarray) -> np.ndarray:
