@@ -123,39 +123,41 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
                 return lax.bitcast_convert_type(total, f32) - MAGIC
             return total.astype(f32)
 
+        def seeded():
+            return plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
+
+        def wait_loaded(slot):
+            plgpu.barrier_wait(x_loaded.at[slot])
+            plgpu.barrier_wait(w_loaded.at[slot])
+
+        def multiply(acc_ref, slot, j=0):
+            """acc_ref (int32 [64, 128]) += this warpgroup's x rows . (w's j-th 128 columns)^T over K block `slot`:
+            one asynchronous wgmma."""
+            w_cols = w_smem.at[slot, pl.ds(j * BLOCK, BLOCK)]
+            plgpu.wgmma(acc_ref, x_smem.at[slot, x_rows], w_cols.transpose((1, 0)))
+
         def block_sum(slot, j):
             """The exact int32 dot of this warpgroup's x rows with w's j-th 128 columns over K block `slot`,
             as fp32 [64, 128]."""
-            def product(acc_ref):
-                w_cols = w_smem.at[slot, pl.ds(j * BLOCK, BLOCK)]
-                plgpu.wgmma(acc_ref, x_smem.at[slot, x_rows], w_cols.transpose((1, 0)))
-
-            seeded = plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
-            return to_f32(pl.run_state(product)(plgpu.ACC.init(seeded)))
+            return to_f32(pl.run_state(lambda acc_ref: multiply(acc_ref, slot, j))(plgpu.ACC.init(seeded())))
 
         def step(t, accs):
             slot = lax.rem(t, slots)
             sx = xs_ref[mi, t]
             scales = [sx * ws_ref[ni * n_sub + j, t] for j in range(n_sub)]
-            plgpu.barrier_wait(x_loaded.at[slot])
-            plgpu.barrier_wait(w_loaded.at[slot])
-            sums = []
-            for j in range(n_sub):
-                sums.append(block_sum(slot, j))
+            wait_loaded(slot)
+            sums = [block_sum(slot, j) for j in range(n_sub)]
             plgpu.barrier_arrive(consumed.at[slot])
             return tuple(acc + part * scale for acc, part, scale in zip(accs, sums, scales))
 
         def overlapped(acc):
-            """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs while block t is
-            promoted (wait_n=1 leaves one product in flight)."""
-            seeded = plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
-
+            """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs while
+            block t is promoted (wait_n=1 leaves one product in flight)."""
             def issue(t, acc_ref):
                 slot = lax.rem(t, slots)
-                plgpu.barrier_wait(x_loaded.at[slot])
-                plgpu.barrier_wait(w_loaded.at[slot])
-                acc_ref[...] = seeded
-                plgpu.wgmma(acc_ref, x_smem.at[slot, x_rows], w_smem.at[slot].transpose((1, 0)))
+                wait_loaded(slot)
+                acc_ref[...] = seeded()
+                multiply(acc_ref, slot)
 
             def retire(t, acc_ref, acc, wait_n):
                 scale = xs_ref[mi, t] * ws_ref[ni, t]
