@@ -249,21 +249,25 @@ def check_linears(linears: str, dtype) -> None:
                          "dtype)")
 
 
+def _qk_rounding(cfg: WanConfig, dtype) -> tuple:
+    """(dtype of the normalised q/k, rounding before the weight multiply) of the model family. TurboDiffusion's fused
+    norm rounds once to dtype; stock WanRMSNorm rounds the normalised value to dtype and multiplies by its fp32
+    weight, so its result stays fp32 (through RoPE, until the attention casts it)."""
+    return (f32, dtype) if cfg.family == "wan" else (dtype, None)
+
+
 def _rms(x, scale: Scale, cfg: WanConfig, dtype):
-    """q/k RMSNorm over the full width. TurboDiffusion's fused norm rounds once to dtype; stock WanRMSNorm rounds
-    the normalised value to dtype and multiplies by its fp32 weight, so its result stays fp32 (through RoPE,
-    until the attention casts it)."""
-    if cfg.family == "wan":
-        return layers.rms_norm(x, scale.weight[...], cfg.eps, f32, round_before_weight=dtype)
-    return layers.rms_norm(x, scale.weight[...], cfg.eps, dtype, round_before_weight=None)
+    """q/k RMSNorm over the full width, rounded as the family does (`_qk_rounding`)."""
+    norm_dtype, before_weight = _qk_rounding(cfg, dtype)
+    return layers.rms_norm(x, scale.weight[...], cfg.eps, norm_dtype, round_before_weight=before_weight)
 
 
 def _rms_rope(x, scale: Scale, cos, sin, cfg: WanConfig, dtype):
     """Self-attention q/k: `_rms` then RoPE per head, [B, L, C] -> [B, L, heads, head_dim] dtype, as one fused
     kernel on a GPU (`pallas_kernels.norms`: XLA leaves the rotation at a third of the copy bandwidth)."""
-    rounding = dict(norm_dtype=f32, round_before_weight=dtype) if cfg.family == "wan" else dict(norm_dtype=dtype)
+    norm_dtype, before_weight = _qk_rounding(cfg, dtype)
     return norms.rms_norm_rope(x, scale.weight[...], cos, sin, eps=cfg.eps, out_dtype=dtype, head_dim=cfg.head_dim,
-                               **rounding)
+                               norm_dtype=norm_dtype, round_before_weight=before_weight)
 
 
 def _check_cond(cfg: WanConfig, latents, cond):
