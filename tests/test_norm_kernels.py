@@ -282,6 +282,52 @@ def test_quantize_with_traced_flag_and_stock_rows(impl):
         assert_quantized_close(q, s, y.reshape(-1, 256))
 
 
+# --- the Wan VAE's RMS_norm + SiLU over [cached frames, chunk] -------------------------------------------------
+
+def np_vae_norm_silu(x, gamma, prefix=None, bias=None):
+    """The spec's VAE norm in NumPy fp64 from the inputs as stored: x + bias rounded to x's dtype, the prefix
+    before it in time, F.normalize over the channels * sqrt(C) * gamma, SiLU."""
+    xs = np.asarray(x, np.float64)
+    if bias is not None:
+        xs = np.asarray(jnp.asarray(xs + np.asarray(bias, np.float64), f32).astype(x.dtype), np.float64)
+    if prefix is not None:
+        xs = np.concatenate([np.asarray(prefix, np.float64), xs], axis=1)
+    norm = np.maximum(np.sqrt(np.sum(xs * xs, axis=-1, keepdims=True)), 1e-12)
+    y = xs / norm * np.sqrt(xs.shape[-1]) * np.asarray(gamma, np.float64)
+    return y / (1 + np.exp(-y))
+
+
+# (B, T, H, W, C, P): the decoder's widths 96 / 384 with a 2-frame cache, one frame of a 1-channel-short width, no
+# cache; H * W = 35 is ragged against every row block.
+VAE_SHAPES = [(1, 4, 5, 7, 96, 2), (2, 1, 3, 4, 384, 2), (1, 2, 5, 7, 95, 0)]
+
+
+@pytest.mark.parametrize("shape", VAE_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vae_rms_norm_silu(impl, dtype, with_bias, shape):
+    b, t, h, w, c, p = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.normal(size=(b, t, h, w, c)) * rng.uniform(0.5, 4, size=(b, t, h, w, 1)) + 1, dtype)
+    prefix = jnp.asarray(rng.normal(size=(b, p, h, w, c)), dtype) if p else None
+    gamma, bias = _channel_vectors(sum(shape), c)
+    bias = bias if with_bias else None
+    out = _call(norms.vae_rms_norm_silu, impl, x, gamma, out_dtype=dtype, prefix=prefix, bias=bias)
+    assert out.shape == (b, p + t, h, w, c)
+    assert_matches(out, jnp.asarray(np_vae_norm_silu(x, gamma, prefix, bias), f32).astype(dtype))
+
+
+def test_vae_norm_refuses_mismatched_operands():
+    x = jnp.zeros((1, 2, 3, 4, 8), bf16)
+    gamma = jnp.ones((8,), f32)
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match=r"prefix must be x's frames before it"):
+            _call(norms.vae_rms_norm_silu, impl, x, gamma, out_dtype=bf16, prefix=jnp.zeros((1, 2, 3, 5, 8), bf16))
+        with pytest.raises(ValueError, match=r"bias must be \[C\] = \[8\]"):
+            _call(norms.vae_rms_norm_silu, impl, x, gamma, out_dtype=bf16, bias=jnp.ones((4,), f32))
+
+
 # --- input checks ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -344,6 +390,8 @@ def _real_shape_calls(l: int, c: int, head_dim: int = 128):
         ("layer_norm_modulate_quantize", functools.partial(triton.layer_norm_modulate_quantize, **ln), (x, mod, mod)),
         ("layer_norm_modulate_quantize, traced flag",
          lambda x, s, t, f: triton.layer_norm_modulate_quantize(x, s, t, round_normed=f, **ln), (x, mod, mod, flag)),
+        ("vae_rms_norm_silu", lambda x, g, b: triton.vae_rms_norm_silu(x.reshape(1, 1, l, c)[..., :96], g[:96],
+                                                                        out_dtype=bf16, bias=b[:96]), (x, vec, vec)),
     ]
 
 
@@ -423,6 +471,20 @@ def test_compiled_fused_quantiser_at_480p_1_3b():
                                                     implementation="triton")
     np.testing.assert_array_equal(np.asarray(q), np.asarray(want_q))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+
+
+@pytest.mark.gpu
+def test_compiled_vae_norm_at_720p():
+    """The VAE decoder's full-resolution norm: 4 frames of 720 x 1280 x 96 after a 2-frame cache, with conv1's
+    pending bias, compiled, against the jitted reference."""
+    assert ON_GPU, "run on a GPU: pytest -m gpu tests/test_norm_kernels.py"
+    rng = np.random.default_rng(30)
+    x = jnp.asarray(rng.normal(size=(1, 4, 720, 1280, 96)), bf16)
+    prefix = jnp.asarray(rng.normal(size=(1, 2, 720, 1280, 96)), bf16)
+    gamma, bias = _channel_vectors(31, 96)
+    kw = dict(out_dtype=bf16, prefix=prefix, bias=bias)
+    ref = jax.jit(functools.partial(reference.vae_rms_norm_silu, **kw))(x, gamma)
+    assert_matches(triton.vae_rms_norm_silu(x, gamma, **kw), ref, noise=1e-4)
 
 
 def test_benchmark_runs_on_cpu_at_tiny_size(tmp_path, capsys):

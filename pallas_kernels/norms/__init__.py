@@ -7,7 +7,11 @@ kernels, and the dispatcher. Each function is one call at its site in `turbojax.
     q = rms_norm_rope(x_q, w, cos, sin, eps=eps, out_dtype=dt, head_dim=hd, ...)          # q/k norm + RoPE
     qc = rms_norm_rope(x_q, w, eps=eps, out_dtype=dt, ...)                                # q/k norm alone
 
-x is [B, L, C]; shift and scale [B, C] fp32 (a chunk of the block's modulation); `reference.py` says which rounding
+and the Wan VAE's norm before each causal conv (`turbojax.models.vae.normed_causal_conv`):
+
+    seq = vae_rms_norm_silu(x, gamma, out_dtype=dt, prefix=cached_frames, bias=pending_bias)
+
+For the DiT's norms x is [B, L, C]; shift and scale [B, C] fp32 (a chunk of the block's modulation); `reference.py` says which rounding
 arguments give TurboDiffusion's and stock Wan's dtype flows.
 
 implementation: None picks the Pallas-Triton kernels on a GPU and the reference elsewhere; "reference" is pure jnp
@@ -94,6 +98,20 @@ def rms_norm_rope(
     return reference.rms_norm_rope(x, weight, cos, sin, **args)
 
 
+def vae_rms_norm_silu(
+    x: jax.Array, gamma: jax.Array, *, out_dtype, prefix: jax.Array | None = None, bias: jax.Array | None = None,
+    implementation: str | None = None, config: NormConfig | None = None, interpret: bool = False,
+) -> jax.Array:
+    """SiLU(RMS_norm(concat([prefix, x + bias], time))) -> [B, P + T, ..., C] out_dtype: x [B, T, ..., C], prefix
+    [B, P, ..., C] or None, gamma and bias [C] (bias: the previous conv's, not yet added to x; None: x is final).
+    Past Pallas-Triton's int32 offsets (2^31 output elements) the call takes the reference."""
+    big = x.size // x.shape[1] * (x.shape[1] + (0 if prefix is None else prefix.shape[1])) >= 2**31
+    if _kernels(implementation) and not big:
+        return triton.vae_rms_norm_silu(x, gamma, out_dtype=out_dtype, prefix=prefix, bias=bias,
+                                        **_launch(config, interpret))
+    return reference.vae_rms_norm_silu(x, gamma, out_dtype=out_dtype, prefix=prefix, bias=bias)
+
+
 __all__ = [
     "IMPLEMENTATIONS",
     "NormConfig",
@@ -102,4 +120,5 @@ __all__ = [
     "layer_norm_modulate",
     "layer_norm_modulate_quantize",
     "rms_norm_rope",
+    "vae_rms_norm_silu",
 ]

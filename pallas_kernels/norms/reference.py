@@ -15,11 +15,17 @@ roundings happen exactly where the model family puts them:
   layer_norm_modulate_quantize
                         layer_norm_modulate's bf16/fp16 result, quantised in 128 x 128 tiles of [B * L, C] with
                         the W8A8 activation quantiser (acceleration.md 5.2).
+  vae_rms_norm(_silu)   the Wan VAE's RMS_norm (wan-model.md 7): F.normalize over the channels (the L2 norm clamped
+                        at 1e-12) * sqrt(C) * gamma, in fp32; the _silu form is the input of the VAE's causal convs:
+                        SiLU of the norm of [cached frames, this chunk (+ the previous conv's pending bias)],
+                        concatenated in time, rounded once.
 turbojax.models.layers takes its norm, modulation and RoPE functions from here, so the model and the kernels share
 one definition.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +80,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.stack([re, im], axis=-1).reshape(b, l, n, d).astype(x.dtype)
 
 
+VAE_NORM_EPS = 1e-12  # F.normalize's clamp of the L2 norm
+
+
+def vae_rms_norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
+    """The VAE's RMS_norm over the last axis, fp32: x / max(|x|_2, 1e-12) * sqrt(C) * gamma."""
+    x32 = x.astype(f32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+    return x32 / jnp.maximum(norm, VAE_NORM_EPS) * math.sqrt(x.shape[-1]) * gamma.astype(f32)
+
+
+def add_bias(y: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+    """A conv output plus its bias [C], added in fp32 and rounded once to dtype."""
+    return (y.astype(f32) + bias.astype(f32)).astype(dtype)
+
+
 # --- input checks shared by every implementation ---------------------------------------------------------------
 
 def check_rows(x: jax.Array) -> None:
@@ -107,6 +128,20 @@ def check_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, head_dim: int) -> N
         if tuple(t.shape) != (l, head_dim // 2):
             raise ValueError(f"{name} must be [L, head_dim / 2] = [{l}, {head_dim // 2}] (layers.rope_tables of the "
                              f"token grid), got {tuple(t.shape)}")
+
+
+def check_vae_norm(x: jax.Array, gamma: jax.Array, prefix: jax.Array | None, bias: jax.Array | None) -> None:
+    """x [B, T, ..., C]; prefix [B, P, ..., C] like x but in time; gamma and bias [C]."""
+    if x.ndim < 3:
+        raise ValueError(f"x must be [B, T, ..., C] (frames, then channels last), got shape {x.shape}")
+    c = x.shape[-1]
+    for name, v in (("gamma", gamma), ("bias", bias)):
+        if v is not None and tuple(v.shape) != (c,):
+            raise ValueError(f"{name} must be [C] = [{c}] for x of shape {x.shape}, got {tuple(v.shape)}")
+    if prefix is not None and (prefix.ndim != x.ndim or prefix.shape[0] != x.shape[0]
+                               or prefix.shape[2:] != x.shape[2:] or prefix.dtype != x.dtype):
+        raise ValueError(f"prefix must be x's frames before it, [B, P, ...] = [{x.shape[0]}, P, "
+                         f"{', '.join(map(str, x.shape[2:]))}] in {x.dtype}, got {tuple(prefix.shape)} {prefix.dtype}")
 
 
 def check_quantized_dtype(out_dtype) -> None:
@@ -169,3 +204,17 @@ def layer_norm_modulate_quantize(
                             round_normed=round_normed)
     # The quantiser reads the rounded activations: pinned, so XLA cannot feed it the fp32 modulation instead.
     return quantize_blockwise(exact_f32(y).astype(out_dtype).reshape(-1, x.shape[2]))
+
+
+def vae_rms_norm_silu(
+    x: jax.Array, gamma: jax.Array, *, out_dtype, prefix: jax.Array | None = None, bias: jax.Array | None = None,
+) -> jax.Array:
+    """SiLU(vae_rms_norm(concat([prefix, x'], axis=1))) rounded to out_dtype, x' = add_bias(x, bias, x.dtype) (x
+    itself without a bias): x [B, T, ..., C], prefix [B, P, ..., C] (None: P = 0), gamma and bias [C] ->
+    [B, P + T, ..., C]."""
+    check_vae_norm(x, gamma, prefix, bias)
+    if bias is not None:
+        x = add_bias(x, bias, x.dtype)
+    if prefix is not None:
+        x = jnp.concatenate([prefix, x], axis=1)
+    return jax.nn.silu(vae_rms_norm(x, gamma)).astype(out_dtype)

@@ -17,6 +17,12 @@ NCDHW (xla/service/gpu/transforms/layout_assignment.cc, HeuristicLayoutAssignmen
 slower channels-first kernels. "xla3d" is the plain lax.conv_general_dilated port, kept as the baseline. "ndhwc" is
 that port compiled with xla_gpu_force_conv_nhwc, so cuDNN runs the 3-D convolutions channels-last without the fold's
 3x copy of each input (XLA excludes 3-D convolutions from NHWC on Hopper for their narrower cuDNN support: measure it).
+
+Norms. Every conv but the first of a stage reads SiLU(RMS_norm(x)) of [its cached frames, the chunk]:
+`normed_causal_conv` caches x before the norm and has `pallas_kernels.norms.vae_rms_norm_silu` (a Pallas-Triton
+kernel on GPUs) write the conv's whole input in one pass, with the previous conv's bias added on the way. XLA would
+write the normalised chunk, then copy it next to the cache: on an H100 that copy and the separate bias pass were a
+sixth of the 720p decode.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import norms
+from pallas_kernels.norms import reference as norm_ref
 from turbojax.models.layers import precision
 
 f32 = jnp.float32
 CONV_IMPLS = ("fold", "xla3d", "ndhwc")
 COMPILER_OPTIONS = {"ndhwc": {"xla_gpu_force_conv_nhwc": True}}
-NORM_EPS = 1e-12  # F.normalize's clamp of the L2 norm
 
 # Latent statistics of the Wan2.1 VAE (spec 7.3); pipelines normalise mu with them before the DiT.
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -189,9 +196,10 @@ class Decoder(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _add_bias(y: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    """The conv output plus its bias, added in fp32 and rounded once to dtype."""
-    return (y.astype(f32) + b.astype(f32)).astype(dtype)
+def _add_bias(y: jax.Array, b: jax.Array | None, dtype) -> jax.Array:
+    """A conv output plus its bias, added in fp32 and rounded once to dtype (b=None: no bias, the caller adds it
+    later through `normed_causal_conv`'s x_bias)."""
+    return y.astype(dtype) if b is None else norm_ref.add_bias(y, b, dtype)
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -209,8 +217,9 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: tuple
     return _add_bias(y, b, w.dtype)
 
 
-def conv3d(seq: jax.Array, w: jax.Array, b: jax.Array, impl: str, stride_t: int = 1) -> jax.Array:
-    """seq [B, Ti, H, W, C] (time already padded or cached), w [kt, kh, kw, C, O] -> [B, To, H, W, O].
+def conv3d(seq: jax.Array, w: jax.Array, b: jax.Array | None, impl: str, stride_t: int = 1) -> jax.Array:
+    """seq [B, Ti, H, W, C] (time already padded or cached), w [kt, kh, kw, C, O] -> [B, To, H, W, O], plus the
+    bias b [O] (None: without it).
 
     Valid in time (To = (Ti - kt) // stride_t + 1), 'same' zero padding kh//2, kw//2 in space."""
     kt, kh, kw, c, o = w.shape
@@ -233,16 +242,9 @@ def conv3d(seq: jax.Array, w: jax.Array, b: jax.Array, impl: str, stride_t: int 
     return y.reshape(bsz, to, h, wd, o)
 
 
-def rms_norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
-    """RMS_norm over the channels (last axis), fp32: x / max(|x|_2, 1e-12) * sqrt(C) * gamma."""
-    x32 = x.astype(f32)
-    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
-    return x32 / jnp.maximum(norm, NORM_EPS) * math.sqrt(x.shape[-1]) * gamma.astype(f32)
-
-
-def norm_silu(x: jax.Array, norm: Norm, dtype) -> jax.Array:
-    """SiLU(RMS_norm(x)) in fp32, rounded once to dtype: the input of every causal conv but the first."""
-    return jax.nn.silu(rms_norm(x, norm.gamma[...])).astype(dtype)
+def _past_frames(x: jax.Array, cache, kt: int) -> jax.Array:
+    """The kt-1 frames before chunk x [B, T, ...]: the cache, or zeros where the video starts (cache=None)."""
+    return jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype) if cache is None else cache
 
 
 def causal_conv(conv: Conv, x: jax.Array, cache, impl: str):
@@ -250,24 +252,44 @@ def causal_conv(conv: Conv, x: jax.Array, cache, impl: str):
 
     The cache holds the last kt-1 frames of this conv's input so far; cache=None starts with zero frames."""
     w = conv.weight[...]
+    seq = jnp.concatenate([_past_frames(x, cache, w.shape[0]), x], axis=1)
+    return conv3d(seq, w, conv.bias[...], impl), seq[:, -(w.shape[0] - 1):]
+
+
+def normed_causal_conv(conv: Conv, norm: Norm, x: jax.Array, cache, impl: str, dtype, x_bias=None,
+                       add_bias: bool = True):
+    """CausalConv3d on SiLU(RMS_norm(x)), the residual blocks' and the output head's conv:
+    x [B, T, H, W, C] -> ([B, T, H, W, O], cache [B, kt-1, H, W, C]).
+
+    The cache holds the last kt-1 frames of x before the norm (the norm is per frame and per pixel, so normalising
+    them again in the next chunk gives the same values), and the norm kernel reads the cached frames and x in one
+    pass (`norms.vae_rms_norm_silu`): no normalised chunk is written and then copied next to the cache. x_bias [C]:
+    the previous conv's bias, not yet added to x (add_bias=False there), added in the same pass. cache=None starts
+    with zero frames, which the norm maps to zero: the spec's zero padding of the conv input."""
+    w = conv.weight[...]
     kt = w.shape[0]
-    before = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype) if cache is None else cache
-    seq = jnp.concatenate([before, x], axis=1)
-    return conv3d(seq, w, conv.bias[...], impl), seq[:, -(kt - 1):]
+    before = _past_frames(x, cache, kt)
+    seq = norms.vae_rms_norm_silu(x, norm.gamma[...], out_dtype=dtype, prefix=before, bias=x_bias)
+    x_final = x if x_bias is None else _add_bias(x, x_bias, x.dtype)
+    new_cache = jnp.concatenate([before, x_final], axis=1)[:, -(kt - 1):]
+    return conv3d(seq, w, conv.bias[...] if add_bias else None, impl), new_cache
 
 
 def res_block(blk: ResBlock, x: jax.Array, cache, impl: str, dtype):
-    """x [B, T, H, W, C_in] -> [B, T, H, W, C_out]; cache = (conv1's, conv2's)."""
+    """x [B, T, H, W, C_in] -> [B, T, H, W, C_out]; cache = (conv1's, conv2's). conv1's bias is added inside
+    conv2's norm pass rather than by a pass of its own."""
     h = x if blk.shortcut is None else dense(x, blk.shortcut.weight[...], blk.shortcut.bias[...])
-    a, c1 = causal_conv(blk.conv1, norm_silu(x, blk.norm1, dtype), None if cache is None else cache[0], impl)
-    a, c2 = causal_conv(blk.conv2, norm_silu(a, blk.norm2, dtype), None if cache is None else cache[1], impl)
+    a, c1 = normed_causal_conv(blk.conv1, blk.norm1, x, None if cache is None else cache[0], impl, dtype,
+                               add_bias=False)
+    a, c2 = normed_causal_conv(blk.conv2, blk.norm2, a, None if cache is None else cache[1], impl, dtype,
+                               x_bias=blk.conv1.bias[...])
     return h + a, (c1, c2)
 
 
 def attention(attn: Attention, x: jax.Array, dtype) -> jax.Array:
     """Single-head self-attention within each frame: x [B, T, H, W, C] -> x + proj(softmax(q k^T / sqrt(C)) v)."""
     b, t, h, w, c = x.shape
-    a = rms_norm(x, attn.norm.gamma[...]).astype(dtype).reshape(b * t, h * w, c)
+    a = norm_ref.vae_rms_norm(x, attn.norm.gamma[...]).astype(dtype).reshape(b * t, h * w, c)
     q, k, v = jnp.split(dense(a, attn.to_qkv.weight[...], attn.to_qkv.bias[...]), 3, axis=-1)
     prec = precision(q.dtype)
     scores = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=f32, precision=prec) * (c ** -0.5)
@@ -347,7 +369,7 @@ def encoder_forward(enc: Encoder, x: jax.Array, cache, impl: str, dtype):
     x, c_in = causal_conv(enc.conv_in, x.astype(dtype), prev.get("conv_in"), impl)
     x, c_down = _stage_forward(enc.down, x, prev.get("down"), impl, dtype)
     x, c_mid = mid_block(enc.mid, x, prev.get("mid"), impl, dtype)
-    x, c_out = causal_conv(enc.conv_out, norm_silu(x, enc.norm_out, dtype), prev.get("conv_out"), impl)
+    x, c_out = normed_causal_conv(enc.conv_out, enc.norm_out, x, prev.get("conv_out"), impl, dtype)
     return x, {"conv_in": c_in, "down": c_down, "mid": c_mid, "conv_out": c_out}
 
 
@@ -357,7 +379,7 @@ def decoder_forward(dec: Decoder, x: jax.Array, cache, impl: str, dtype):
     x, c_in = causal_conv(dec.conv_in, x.astype(dtype), prev.get("conv_in"), impl)
     x, c_mid = mid_block(dec.mid, x, prev.get("mid"), impl, dtype)
     x, c_up = _stage_forward(dec.up, x, prev.get("up"), impl, dtype)
-    x, c_out = causal_conv(dec.conv_out, norm_silu(x, dec.norm_out, dtype), prev.get("conv_out"), impl)
+    x, c_out = normed_causal_conv(dec.conv_out, dec.norm_out, x, prev.get("conv_out"), impl, dtype)
     return x, {"conv_in": c_in, "mid": c_mid, "up": c_up, "conv_out": c_out}
 
 
