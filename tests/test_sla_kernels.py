@@ -3,6 +3,8 @@
 On CPU the Pallas-Triton kernel runs in interpret mode; on a GPU (`pytest -m gpu`) the same cases run compiled.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,19 +112,91 @@ def test_mosaic_is_refused_where_it_cannot_run():
         sla.sla_attention(q, q, q, topk=0.5, block_q=64, block_k=64, implementation="mosaic")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("l, h, bk, topk", [(1000, 2, 64, 0.15), (32760, 2, 64, 0.1), (4104, 3, 128, 0.2)])
-def test_mosaic_sparse_branch_matches_reference(l, h, bk, topk):
-    """The Hopper kernel cannot run in the CPU interpreter (8/16-bit transposed smem operands), so it is checked
-    here, on the device, against the same reference."""
-    q, k, v = _inputs(l, 2, l, h, 128)
+def _check_mosaic(q, k, v, lut, bk, blocks_per_step):
+    """The Mosaic kernel's output for lut equals the fp32 reference's and is finite everywhere."""
     assert mosaic.supports(q, 128, bk), "needs an sm90 GPU"
-    lut = sla.block_map(q, k, topk=topk, block_q=128, block_k=bk)
-    out = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=bk)
+    config = mosaic.MosaicConfig(blocks_per_step=blocks_per_step)
+    out = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=bk, config=config)
     ref = reference.sparse_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lut,
                                      block_q=128, block_k=bk)
     assert _rel(out, ref) < 1e-2
     assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks_per_step", [1, 2])
+@pytest.mark.parametrize("l, h, bk, topk", [(1000, 2, 64, 0.15), (32760, 2, 64, 0.1), (4104, 3, 128, 0.2)])
+def test_mosaic_sparse_branch_matches_reference(l, h, bk, topk, blocks_per_step):
+    """The Hopper kernel cannot run in the CPU interpreter (its P.V accumulates in place through pl.run_state, which
+    the Mosaic GPU interpreter cannot evaluate), so it is checked here, on the device, against the same reference.
+    L=32760 selects 51 of 512 blocks: an odd count of pair steps."""
+    q, k, v = _inputs(l, 2, l, h, 128)
+    _check_mosaic(q, k, v, sla.block_map(q, k, topk=topk, block_q=128, block_k=bk), bk, blocks_per_step)
+
+
+def _lut_with_last_block(seed, b, h, nq, nk, n_sel):
+    """Ascending random LUTs int32 [B, H, Nq, n_sel] that all select the last key block (the partial one at a ragged
+    L), so every CTA runs the masked last step on it."""
+    rng = np.random.default_rng(seed)
+    rows = [np.sort(np.r_[rng.choice(nk - 1, n_sel - 1, replace=False), nk - 1]) for _ in range(b * h * nq)]
+    return jnp.asarray(np.stack(rows).reshape(b, h, nq, n_sel), jnp.int32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks_per_step", [1, 2])
+@pytest.mark.parametrize("l, d, n_sel", [(1000, 128, 1), (1000, 128, 4), (1000, 128, 9), (1000, 64, 9),
+                                         (4104, 128, 7)])
+def test_mosaic_masks_the_partial_last_block(l, d, n_sel, blocks_per_step):
+    """block_k=64 with the ragged last block (40 of 64 real keys at L=1000, 8 at L=4104) in every LUT row, odd and
+    even counts: a pair step masks each column by its own block, an odd count's last step holds one real block (its
+    re-loaded second half masked), and n_sel=9 and 7 refill the two-slot ring of the pair steps at head_dim 128."""
+    q, k, v = _inputs(n_sel, 2, l, 2, d)
+    lut = _lut_with_last_block(n_sel, 2, 2, -(-l // 128), -(-l // 64), n_sel)
+    _check_mosaic(q, k, v, lut, 64, blocks_per_step)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks_per_step", [1, 2])
+@pytest.mark.parametrize("n_sel", [1, 5])
+def test_mosaic_odd_count_without_the_partial_block(n_sel, blocks_per_step):
+    """LUT rows that end before the sequence's last block: an odd count's re-loaded half is masked although its
+    block is whole (the case where the masked step's limit comes from block_k, not from L)."""
+    l = 1000
+    q, k, v = _inputs(n_sel + 40, 1, l, 2, 128)
+    rng = np.random.default_rng(n_sel)
+    rows = [np.sort(rng.choice(-(-l // 64) - 1, n_sel, replace=False)) for _ in range(2 * -(-l // 128))]
+    lut = jnp.asarray(np.stack(rows).reshape(1, 2, -(-l // 128), n_sel), jnp.int32)
+    _check_mosaic(q, k, v, lut, 64, blocks_per_step)
+
+
+def _abstract_h100_lowering(fn, *operands) -> str:
+    """fn lowered for an sm90 target without a GPU (an abstract H100 stands in for the device); compiling it needs
+    the GPU."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        return jax.jit(fn).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("blocks_per_step", [1, 2])
+def test_mosaic_kernel_lowers_for_an_h100(blocks_per_step):
+    """Pallas -> Mosaic GPU -> LLVM/NVVM at a ragged L with an odd block count (the masked half step): pair steps
+    make every wgmma N=128 (S = QK^T over 128 keys, P.V over K=128), single blocks keep today's N=64 S = QK^T."""
+    l, h, d, n_sel = 1000, 2, 128, 5
+    spec = jax.ShapeDtypeStruct
+    operands = (spec((1, l, h, d), jnp.bfloat16),) * 3 + (spec((1, h, -(-l // 128), n_sel), jnp.int32),)
+    fn = functools.partial(mosaic.sparse_attention, block_q=128, block_k=64,
+                           config=mosaic.MosaicConfig(blocks_per_step=blocks_per_step))
+    text = _abstract_h100_lowering(fn, *operands)
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+    assert ("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in text) == (blocks_per_step == 1)
+
+
+def test_mosaic_blocks_per_step_rules():
+    assert mosaic.blocks_per_step(mosaic.MosaicConfig(), 64) == 2
+    assert mosaic.blocks_per_step(mosaic.MosaicConfig(blocks_per_step=1), 64) == 1
+    assert mosaic.blocks_per_step(mosaic.MosaicConfig(), 128) == 1  # 128-row key blocks already make 128-key steps
+    with pytest.raises(ValueError, match="1 or 2"):
+        mosaic.blocks_per_step(mosaic.MosaicConfig(blocks_per_step=4), 64)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])

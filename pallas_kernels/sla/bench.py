@@ -2,12 +2,14 @@
 
     python -m pallas_kernels.sla.bench            # the table of the SLA / SageSLA issue
     python -m pallas_kernels.sla.bench --sweep    # also a launch-config sweep at H=12, L=32760
+    python -m pallas_kernels.sla.bench --mosaic-blocks-per-step 1 2    # the Mosaic kernel alone with each
 
 Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch state
-+ fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU), and its parts alone; SLA
-with the pure-XLA reference; SageSLA the same way (block map + quantisation of q, k, v + int8/fp8 sparse kernel +
-the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the fastest bf16 SLA row's time
-over the SageSLA row's.
++ fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU with MosaicConfig's defaults),
+and its parts alone (the Mosaic kernel once per --mosaic-blocks-per-step value, with its relative difference to the
+Triton kernel's output); SLA with the pure-XLA reference; SageSLA the same way (block map + quantisation of q, k, v
++ int8/fp8 sparse kernel + the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the
+fastest bf16 SLA row's time over the SageSLA row's.
 Times are medians of --iters calls after a warm-up. Inputs: bf16 N(0,1) q, v and keys with a shared mean.
 """
 
@@ -43,7 +45,37 @@ def rel(a, b) -> float:
     return float(jnp.abs(a - b).max() / jnp.abs(b).max())
 
 
-def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[dict]:
+def sparse_variants(name: str, kernel, block_q: int, block_k: int, mosaic_blocks_per_step) -> dict:
+    """The sparse kernel alone, by row label: the Mosaic one once per effective blocks_per_step (block_k=128 runs
+    one block per step whatever is asked), the Triton one as configured by default."""
+    if name != "mosaic":
+        return {"": jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k))}
+    configs = {mosaic.blocks_per_step(cfg, block_k): cfg
+               for cfg in (mosaic.MosaicConfig(blocks_per_step=n) for n in mosaic_blocks_per_step)}
+    return {f", {n} block(s) per step": jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k, config=cfg))
+            for n, cfg in configs.items()}
+
+
+def sparse_rows(name: str, variants: dict, operands, where, *, iters: int, compare_to):
+    """A row per variant of the sparse kernel alone at `where` = (heads, tokens, topk), with its relative difference
+    to `compare_to` (the Triton kernel's output) where given; also returns the last variant's output."""
+    rows, out = [], None
+    for label, sparse in variants.items():
+        try:
+            ms = bench(sparse, *operands, iters=iters)
+        except Exception as e:  # a variant that fails to build is reported, the others still run
+            print(f"{name} sparse kernel{label} failed at H, L, topk = {where}: {type(e).__name__}: {str(e)[:300]}",
+                  flush=True)
+            continue
+        out = sparse(*operands)
+        rows.append(dict(zip(("heads", "tokens", "topk"), where), path=f"  {name} sparse kernel alone{label}", ms=ms))
+        if compare_to is not None:
+            rows[-1]["rel_diff"] = {"vs triton": rel(out, compare_to)}
+        print(json.dumps(rows[-1]), flush=True)
+    return rows, out
+
+
+def table(iters: int, block_q: int, block_k: int, with_reference: bool, mosaic_blocks_per_step=(2,)) -> list[dict]:
     rows = []
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
     for h, l in SHAPES:
@@ -52,11 +84,10 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[
         rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
         for topk in TOPKS:
             lut = jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q, block_k=block_k))(q, k)
-            results = {}
+            results, sparse_outs = {}, {}
             for name, kernel in (("triton", triton.sparse_attention), ("mosaic", mosaic.sparse_attention)):
                 full = jax.jit(functools.partial(sla.sla_attention, topk=topk, block_q=block_q, block_k=block_k,
                                                  implementation=name))
-                sparse = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k))
                 try:
                     ms = bench(lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b), q, k, v, w, b, iters=iters)
                 except Exception as e:  # report a kernel that fails to build here, keep the other rows
@@ -65,9 +96,11 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool) -> list[
                 results[name] = full(q, k, v, proj_w=w, proj_b=b)
                 rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, {name} sparse kernel ({block_q},{block_k})",
                                  ms=ms, vs_cudnn=dense_ms / ms))
-                rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {name} sparse kernel alone",
-                                 ms=bench(sparse, q, k, v, lut, iters=iters)))
-                print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), flush=True)
+                variants = sparse_variants(name, kernel, block_q, block_k, mosaic_blocks_per_step)
+                variant_rows, sparse_outs[name] = sparse_rows(name, variants, (q, k, v, lut), (h, l, topk), iters=iters,
+                                                              compare_to=sparse_outs.get("triton"))
+                rows += variant_rows
             kv, k_sum = jax.jit(reference.linear_state)(k, v)
             parts = {
                 "block map (XLA)": (jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q,
@@ -141,13 +174,14 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
     return rows
 
 
-def sweep(iters: int) -> list[dict]:
-    """Launch configurations of the SLA and SageSLA sparse kernels at H=12, L=32760, topk 0.1."""
+def sweep(iters: int, mosaic_blocks_per_step=(2,)) -> list[dict]:
+    """Launch configurations of the SLA and SageSLA sparse kernels at H=12, L=32760, topk 0.1 (the Mosaic SLA
+    kernel's ring depths with each blocks_per_step at block_k=64; its slots are capped by shared memory)."""
     q, k, v, _, _ = inputs(12, 32760)
     candidates = [(bq, bk, "triton", triton.TritonConfig(num_warps=w, num_stages=st))
                   for bq, bk in ((128, 64), (64, 128)) for w in (4, 8) for st in (2, 3)]
-    candidates += [(128, bk, "mosaic", mosaic.MosaicConfig(max_concurrent_steps=n))
-                   for bk in (64, 128) for n in (2, 3, 4)]
+    candidates += [(128, bk, "mosaic", mosaic.MosaicConfig(max_concurrent_steps=n, blocks_per_step=bps))
+                   for bk in (64, 128) for n in (2, 3, 4) for bps in (mosaic_blocks_per_step if bk == 64 else (1,))]
     candidates += [(bq, bk, "sage triton", triton.TritonConfig(num_warps=w, num_stages=st))
                    for bq, bk in ((128, 64), (64, 128)) for w in (4, 8) for st in (2, 3)]
     candidates += [(128, bk, "sage mosaic", sage_mosaic.SageMosaicConfig(max_concurrent_steps=n))
@@ -176,11 +210,15 @@ def main(argv=None) -> int:
     p.add_argument("--block-k", type=int, default=64)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA and SageSLA rows")
+    p.add_argument("--mosaic-blocks-per-step", type=int, nargs="+", choices=(1, 2),
+                   default=[mosaic.MosaicConfig().blocks_per_step],
+                   help="key blocks per softmax step of the Mosaic SLA kernel (block_k=64): a kernel-alone row and "
+                        "sweep candidates per value")
     p.add_argument("--json")
     args = p.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    out = {"sweep": sweep(args.iters)} if args.sweep else {}
-    out["table"] = table(args.iters, args.block_q, args.block_k, not args.no_reference)
+    out = {"sweep": sweep(args.iters, args.mosaic_blocks_per_step)} if args.sweep else {}
+    out["table"] = table(args.iters, args.block_q, args.block_k, not args.no_reference, args.mosaic_blocks_per_step)
     print("\n| heads | tokens | topk | path | ms | vs cuDNN | vs bf16 SLA | rel. diff vs reference or cos-sim vs SLA |")
     print("|---|---|---|---|---|---|---|---|")
     for r in out["table"]:

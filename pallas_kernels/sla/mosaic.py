@@ -4,8 +4,14 @@ One CTA per (head, 128-row query block, batch) = one row of the SLA block map, w
   two compute warpgroups, 64 query rows each, share that row's key blocks: S = Q K^T by wgmma from shared memory,
       an exp2 online softmax in fp32 registers, O += P V by wgmma with P (bf16) in registers. A "schedule" barrier
       ping-pongs them so one's softmax overlaps the other's matrix products;
-  one memory warpgroup reads the block indices lut[b, h, i, t] and issues TMA copies of K/V block lut[t] into a
-      ring of `max_concurrent_steps` shared-memory slots, refilling a slot once both compute warpgroups consumed it.
+  one memory warpgroup reads the block indices lut[b, h, i, t] and issues TMA copies of K/V into a ring of
+      `max_concurrent_steps` shared-memory slots, refilling a slot once both compute warpgroups consumed it.
+Pair steps (block_k=64, MosaicConfig.blocks_per_step=2): a softmax step covers two selected key blocks, 128 keys
+like FlashAttention-3's key tiles, so the wgmmas are N=128 / K=128 and the barriers and the softmax's row
+reductions run once per 128 keys instead of per 64. A ring slot then holds 2 * 64 rows of K and of V: step s
+copies blocks lut[2s] and lut[2s + 1] into its two halves, both copies arriving on the slot's one barrier (which
+counts two arrivals). An odd block count leaves the last step one block short: its second half re-loads the last
+block and is masked.
 Ragged lengths: TMA zero-fills reads past L and drops writes past L; keys past L get -inf logits (in the last
 step only: the LUT is ascending).
 Tuning lives in MosaicConfig. Needs sm90 (wgmma, TMA); it cannot run in the CPU interpreter (see tests).
@@ -34,6 +40,14 @@ SMEM_BYTES = 227 * 1024  # sm90's per-block shared-memory limit
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
+    blocks_per_step: int = 2  # key blocks per softmax step (and per ring slot) at block_k=64; 1 at block_k=128
+
+
+def blocks_per_step(config: MosaicConfig, block_k: int) -> int:
+    """Pairs of 64-row key blocks make 128-key steps; 128-row key blocks already are one."""
+    if config.blocks_per_step not in (1, 2):
+        raise ValueError(f"MosaicConfig.blocks_per_step must be 1 or 2, got {config.blocks_per_step}")
+    return config.blocks_per_step if block_k == 64 else 1
 
 
 def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
@@ -50,17 +64,17 @@ def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
 
 
 def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedule,
-            *, seq_len, block_k, n_sel, slots, scale):
-    """lut_ref int32 [B, H, Nq, k]; q/k/v/o_ref [B, L, H, D] in global memory."""
+            *, seq_len, block_k, n_sel, per_step, slots, scale):
+    """lut_ref int32 [B, H, Nq, k]; q/k/v/o_ref [B, L, H, D] in global memory. Step s covers `per_step` selected
+    key blocks: rows [j * block_k, (j + 1) * block_k) of its ring slot hold block lut[per_step * s + j]."""
     qo_smem, k_smem, v_smem = smem
     k_loaded, v_loaded, q_loaded = loaded
     k_consumed, v_consumed = consumed
     bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
     lut_row = lut_ref.at[bi, hi, qi]
-
-    def kv_rows(t):
-        return pl.ds(lut_row[t] * block_k, block_k)
+    n_steps = pl.cdiv(n_sel, per_step)
+    step_k = per_step * block_k
 
     def take_turn():
         plgpu.barrier_arrive(schedule)
@@ -77,10 +91,13 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
         acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
         m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        # The LUT is ascending, so only its last block can be the partial one at the sequence end: keys at or past
-        # `valid` of that block get -inf logits; every other step runs unmasked.
-        valid = seq_len - lut_row[n_sel - 1] * block_k
-        col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
+        # The LUT is ascending, so only its last block can be the partial one at the sequence end, and every step
+        # but the last runs unmasked. In the last step the blocks before that one are whole and the slot rows after
+        # it (an odd count's re-loaded half) are no keys, so the step's real keys are its columns below `valid`:
+        # the last block's start column plus its keys inside the sequence (block_k unless it is the partial one).
+        last_block_col = (n_sel - 1 - (n_steps - 1) * per_step) * block_k
+        valid = last_block_col + jnp.minimum(block_k, seq_len - lut_row[n_sel - 1] * block_k)
+        col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, step_k), 1, layout=plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_loaded.at[0])
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
 
@@ -93,7 +110,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
                 take_turn()
                 return s_ref[...]
 
-            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, step_k), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
             s = s * (scale * LOG2E)
             if masked:
@@ -112,7 +129,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
             def pv_product(acc_ref):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-                @pl.when(t + 1 < n_sel)
+                @pl.when(t + 1 < n_steps)
                 def _():
                     plgpu.barrier_wait(k_loaded.at[lax.rem(t + 1, slots)])
 
@@ -120,8 +137,8 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
-        carry = lax.fori_loop(0, n_sel - 1, step, (acc, m, l))
-        acc, m, l = lax.fori_loop(n_sel - 1, n_sel, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(0, n_steps - 1, step, (acc, m, l))
+        acc, m, l = lax.fori_loop(n_steps - 1, n_steps, functools.partial(step, masked=True), carry)
         pl.when(wg == 0)(take_turn)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q_smem.dtype)
         plgpu.commit_smem()
@@ -132,18 +149,30 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch_k(t, slot):
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, kv_rows(t), hi], k_smem.at[slot], k_loaded.at[slot])
+        def block(t, j):
+            """The LUT position of slot half j at step t. An odd count's last step re-loads the last block into its
+            missing half (masked) instead of skipping the copy: the slot's barrier still gets its per_step arrivals,
+            and the half holds finite values, where stale or never-written shared memory could hold NaNs that the
+            masked columns' p = 0 would not cancel in P.V (0 * NaN = NaN)."""
+            i = t * per_step + j
+            return jnp.minimum(i, n_sel - 1) if n_sel % per_step else i
 
-        def fetch_v(t, slot):
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, kv_rows(t), hi], v_smem.at[slot], v_loaded.at[slot])
+        def fetch(src_ref, dst_smem, barriers):
+            def fetch_step(t, slot):
+                for j in range(per_step):
+                    rows = pl.ds(lut_row[block(t, j)] * block_k, block_k)
+                    plgpu.copy_gmem_to_smem(src_ref.at[bi, rows, hi], dst_smem.at[slot, pl.ds(j * block_k, block_k)],
+                                            barriers.at[slot])
+            return fetch_step
 
-        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_sel=n_sel)
+        fill_kv_ring(fetch(k_ref, k_smem, k_loaded), fetch(v_ref, v_smem, v_loaded), k_consumed, v_consumed,
+                     slots=slots, n_sel=n_steps)
 
 
 def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_sel: int) -> None:
-    """The memory warpgroup's loop over the n_sel selected key blocks: fill the `slots` ring, then refill slot
-    t % slots with block t once the compute warpgroups released it. fetch_k/fetch_v(t, slot) issue the TMA copies.
+    """The memory warpgroup's loop over the n_sel steps (one selected key block each, or two in the bf16 kernel's
+    pair steps): fill the `slots` ring, then refill slot t % slots with step t once the compute
+    warpgroups released it. fetch_k/fetch_v(t, slot) issue the TMA copies of step t.
     K and V of a slot are released separately (S = QK^T finishes before P.V), so they are refilled separately."""
     for t in range(slots):
         fetch_k(t, t)
@@ -172,22 +201,27 @@ def sparse_attention(
         raise ValueError(f"the Mosaic SLA kernel takes block_q={COMPUTE_WGS * WG_ROWS}, got {block_q}")
     if nq != pl.cdiv(l, block_q):
         raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
+    per_step = blocks_per_step(config, block_k)
+    n_steps, step_k = pl.cdiv(n_sel, per_step), per_step * block_k
     itemsize = jnp.dtype(q.dtype).itemsize
-    fit = (SMEM_BYTES - COMPUTE_WGS * WG_ROWS * d * itemsize - 8192) // (2 * block_k * d * itemsize)
-    slots = min(config.max_concurrent_steps, n_sel, fit)
+    fit = (SMEM_BYTES - COMPUTE_WGS * WG_ROWS * d * itemsize - 8192) // (2 * step_k * d * itemsize)
+    slots = min(config.max_concurrent_steps, n_steps, fit)
     tile = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def entry(lut_ref, q_ref, k_ref, v_ref, o_ref):
         smem = (
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), q.dtype, transforms=tile),
-            plgpu.SMEM((slots, block_k, d), k.dtype, transforms=tile),
-            plgpu.SMEM((slots, block_k, d), v.dtype, transforms=tile),
+            plgpu.SMEM((slots, step_k, d), k.dtype, transforms=tile),
+            plgpu.SMEM((slots, step_k, d), v.dtype, transforms=tile),
         )
-        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-                  plgpu.Barrier(num_barriers=COMPUTE_WGS))
+        # A slot's K (and V) barrier counts one arrival per copy into it: each copy arrives with its expect-tx, so
+        # with one arrival for two copies the phase could complete when the first half's bytes land, before the
+        # second copy's bytes are expected.
+        loaded = (plgpu.Barrier(num_arrivals=per_step, num_barriers=slots),
+                  plgpu.Barrier(num_arrivals=per_step, num_barriers=slots), plgpu.Barrier(num_barriers=COMPUTE_WGS))
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
         kernel = functools.partial(_kernel, lut_ref, q_ref, k_ref, v_ref, o_ref, seq_len=l, block_k=block_k,
-                                   n_sel=n_sel, slots=slots, scale=1.0 / math.sqrt(d))
+                                   n_sel=n_sel, per_step=per_step, slots=slots, scale=1.0 / math.sqrt(d))
         pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
 
