@@ -432,10 +432,11 @@ def _op_480p_1_3b(op: str):
 def test_compiled_kernels_match_the_reference_at_480p_1_3b(op):
     assert ON_GPU, "run on a GPU: pytest -m gpu tests/test_norm_kernels.py"
     # Compiled, both sides contract multiply-adds into FMAs where they see fit, so an intermediate bf16 rounding
-    # (the norm before modulation or RoPE) can land one ulp apart in a few elements; a near-zero result of
-    # `(1 + scale) * n + shift` or of the rotation then carries that ulp of its terms. Measured on an H100:
-    # <= 54 x FP32_NOISE of the largest value, in <= 7e-6 of the elements.
-    assert_matches(*_op_480p_1_3b(op), noise=1e-4)
+    # (the norm before modulation or RoPE) can land one bf16 ulp apart in a few elements; a near-zero result of
+    # `(1 + scale) * n + shift` or of the rotation then carries that ulp of its terms, up to 2^-8 of the largest
+    # value. So: within that everywhere, and (assert_matches) at most MISMATCH of the elements differ at all.
+    # Measured on an H100 (2026-11-26): up to 4.2 x (1 ulp + 1e-4 of the largest value), in <= 7e-6 of elements.
+    assert_matches(*_op_480p_1_3b(op), noise=2.0**-8)
 
 
 @pytest.mark.gpu
