@@ -297,8 +297,8 @@ def np_vae_norm_silu(x, gamma, prefix=None, bias=None):
     return y / (1 + np.exp(-y))
 
 
-# (B, T, H, W, C, P): the decoder's widths 96 / 384 with a 2-frame cache, one frame of a 1-channel-short width, no
-# cache; H * W = 35 is ragged against every row block.
+# (B, T, H, W, C, P): the decoder's widths 96 (4 frames) and 384 (1 frame, 2 samples) after a 2-frame cache, and a
+# width one short of 96 without a cache; H * W = 35 or 12 is ragged against the row blocks.
 VAE_SHAPES = [(1, 4, 5, 7, 96, 2), (2, 1, 3, 4, 384, 2), (1, 2, 5, 7, 95, 0)]
 
 

@@ -129,7 +129,7 @@ def _check_mosaic(q, k, v, lut, bk, blocks_per_step):
 def test_mosaic_sparse_branch_matches_reference(l, h, bk, topk, blocks_per_step):
     """The Hopper kernel cannot run in the CPU interpreter (its P.V accumulates in place through pl.run_state, which
     the Mosaic GPU interpreter cannot evaluate), so it is checked here, on the device, against the same reference.
-    L=32760 selects 51 of 512 blocks: an odd count of pair steps."""
+    L=32760 selects 51 of 512 blocks: an odd count, so the last pair step is one block short."""
     q, k, v = _inputs(l, 2, l, h, 128)
     _check_mosaic(q, k, v, sla.block_map(q, k, topk=topk, block_q=128, block_k=bk), bk, blocks_per_step)
 
@@ -180,7 +180,7 @@ def _abstract_h100_lowering(fn, *operands) -> str:
 @pytest.mark.parametrize("blocks_per_step", [1, 2])
 def test_mosaic_kernel_lowers_for_an_h100(blocks_per_step):
     """Pallas -> Mosaic GPU -> LLVM/NVVM at a ragged L with an odd block count (the masked half step): pair steps
-    make every wgmma N=128 (S = QK^T over 128 keys, P.V over K=128), single blocks keep today's N=64 S = QK^T."""
+    make every wgmma N=128 (S = QK^T over 128 keys, P.V over K=128), single blocks keep the N=64 S = QK^T."""
     l, h, d, n_sel = 1000, 2, 128, 5
     spec = jax.ShapeDtypeStruct
     operands = (spec((1, l, h, d), jnp.bfloat16),) * 3 + (spec((1, h, -(-l // 128), n_sel), jnp.int32),)

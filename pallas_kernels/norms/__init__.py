@@ -11,8 +11,8 @@ and the Wan VAE's norm before each causal conv (`turbojax.models.vae.normed_caus
 
     seq = vae_rms_norm_silu(x, gamma, out_dtype=dt, prefix=cached_frames, bias=pending_bias)
 
-For the DiT's norms x is [B, L, C]; shift and scale [B, C] fp32 (a chunk of the block's modulation); `reference.py` says which rounding
-arguments give TurboDiffusion's and stock Wan's dtype flows.
+For the DiT's norms x is [B, L, C]; shift and scale [B, C] fp32 (a chunk of the block's modulation);
+`reference.py` says which rounding arguments give TurboDiffusion's and stock Wan's dtype flows.
 
 implementation: None picks the Pallas-Triton kernels on a GPU and the reference elsewhere; "reference" is pure jnp
 (what XLA fuses by itself); "triton" the kernels (interpret=True runs them in the Pallas interpreter, for tests).
@@ -20,6 +20,8 @@ config: the kernels' launch parameters (`NormConfig`).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +107,9 @@ def vae_rms_norm_silu(
     """SiLU(RMS_norm(concat([prefix, x + bias], time))) -> [B, P + T, ..., C] out_dtype: x [B, T, ..., C], prefix
     [B, P, ..., C] or None, gamma and bias [C] (bias: the previous conv's, not yet added to x; None: x is final).
     Past Pallas-Triton's int32 offsets (2^31 output elements) the call takes the reference."""
-    big = x.size // x.shape[1] * (x.shape[1] + (0 if prefix is None else prefix.shape[1])) >= 2**31
+    reference.check_vae_norm(x, gamma, prefix, bias)
+    frames = x.shape[1] + (0 if prefix is None else prefix.shape[1])
+    big = x.shape[0] * frames * math.prod(x.shape[2:]) >= 2**31
     if _kernels(implementation) and not big:
         return triton.vae_rms_norm_silu(x, gamma, out_dtype=out_dtype, prefix=prefix, bias=bias,
                                         **_launch(config, interpret))

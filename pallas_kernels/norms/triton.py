@@ -323,7 +323,7 @@ def _quantize(x, shift, scale, flag, *, eps, out_dtype, normed_dtype, round_norm
 
 def _vae_rows_and_warps(config: NormConfig, c: int) -> tuple[int, int]:
     """The VAE norm's launch unless config sets it: 2048 elements of the padded row block per program (at least 8
-    rows), 2 / 4 / 8 warps for widths 128 / 256 / 512 and up. The best of a rows x warps sweep at the decoder's
+    rows), 2 / 4 warps for widths 128 / 256 and 8 otherwise. The best of a rows x warps sweep at the decoder's
     (C, frames, H x W) on an H100: 96 at 720p 1.01 ms (the DiT norms' default launch: 1.14), 192 at 360p 0.65 ms,
     384 at 90p 0.13 ms."""
     width = _pow2_at_least(c)

@@ -166,11 +166,11 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
             return fetch_step
 
         fill_kv_ring(fetch(k_ref, k_smem, k_loaded), fetch(v_ref, v_smem, v_loaded), k_consumed, v_consumed,
-                     slots=slots, n_sel=n_steps)
+                     slots=slots, n_steps=n_steps)
 
 
-def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_sel: int) -> None:
-    """The memory warpgroup's loop over the n_sel steps (one selected key block each, or two in the bf16 kernel's
+def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_steps: int) -> None:
+    """The memory warpgroup's loop over the n_steps steps (one selected key block each, or two in this module's
     pair steps): fill the `slots` ring, then refill slot t % slots with step t once the compute
     warpgroups released it. fetch_k/fetch_v(t, slot) issue the TMA copies of step t.
     K and V of a slot are released separately (S = QK^T finishes before P.V), so they are refilled separately."""
@@ -178,7 +178,7 @@ def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_sel:
         fetch_k(t, t)
         fetch_v(t, t)
 
-    @pl.loop(slots, n_sel)
+    @pl.loop(slots, n_steps)
     def _refill(t):
         slot = lax.rem(t, slots)
         plgpu.barrier_wait(k_consumed.at[slot])

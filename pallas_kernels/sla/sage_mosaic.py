@@ -157,7 +157,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             cols = pl.ds(lut_row[t] * block_k, block_k)
             plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, cols], v_smem.at[slot], v_loaded.at[slot])
 
-        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_sel=n_sel)
+        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_steps=n_sel)
 
         # Observe each slot's last release too: nothing is refilled, but every barrier phase is then waited for,
         # which the GPU interpreter's race detector checks when the barriers are freed.

@@ -18,8 +18,8 @@ slower channels-first kernels. "xla3d" is the plain lax.conv_general_dilated por
 that port compiled with xla_gpu_force_conv_nhwc, so cuDNN runs the 3-D convolutions channels-last without the fold's
 3x copy of each input (XLA excludes 3-D convolutions from NHWC on Hopper for their narrower cuDNN support: measure it).
 
-Norms. Every conv but the first of a stage reads SiLU(RMS_norm(x)) of [its cached frames, the chunk]:
-`normed_causal_conv` caches x before the norm and has `pallas_kernels.norms.vae_rms_norm_silu` (a Pallas-Triton
+Norms. The residual blocks' causal convs and the output heads' read SiLU(RMS_norm(x)) of [their cached frames, the
+chunk]: `normed_causal_conv` caches x before the norm and has `pallas_kernels.norms.vae_rms_norm_silu` (a Pallas-Triton
 kernel on GPUs) write the conv's whole input in one pass, with the previous conv's bias added on the way. XLA would
 write the normalised chunk, then copy it next to the cache: on an H100 that copy and the separate bias pass were a
 sixth of the 720p decode.
@@ -202,12 +202,12 @@ def _add_bias(y: jax.Array, b: jax.Array | None, dtype) -> jax.Array:
     return y.astype(dtype) if b is None else norm_ref.add_bias(y, b, dtype)
 
 
-def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     """A 1x1(x1) convolution as a matmul: x [..., C] @ w [C, O] (any leading kernel dims of size 1) + b [O]."""
     w2 = w.reshape(w.shape[-2], w.shape[-1])
     y = jax.lax.dot_general(x.astype(w2.dtype), w2, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=f32,
                             precision=precision(w2.dtype))
-    return (y + b.astype(f32)).astype(w2.dtype)
+    return _add_bias(y, b, w2.dtype)
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: tuple) -> jax.Array:
@@ -256,15 +256,16 @@ def causal_conv(conv: Conv, x: jax.Array, cache, impl: str):
     return conv3d(seq, w, conv.bias[...], impl), seq[:, -(w.shape[0] - 1):]
 
 
-def normed_causal_conv(conv: Conv, norm: Norm, x: jax.Array, cache, impl: str, dtype, x_bias=None,
-                       add_bias: bool = True):
+def normed_causal_conv(conv: Conv, norm: Norm, x: jax.Array, cache, impl: str, dtype,
+                       x_bias: jax.Array | None = None, add_bias: bool = True):
     """CausalConv3d on SiLU(RMS_norm(x)), the residual blocks' and the output head's conv:
     x [B, T, H, W, C] -> ([B, T, H, W, O], cache [B, kt-1, H, W, C]).
 
     The cache holds the last kt-1 frames of x before the norm (the norm is per frame and per pixel, so normalising
     them again in the next chunk gives the same values), and the norm kernel reads the cached frames and x in one
     pass (`norms.vae_rms_norm_silu`): no normalised chunk is written and then copied next to the cache. x_bias [C]:
-    the previous conv's bias, not yet added to x (add_bias=False there), added in the same pass. cache=None starts
+    the previous conv's bias, not yet added to x, added in the same pass; add_bias=False leaves this conv's own bias
+    out of its output, for the next normed conv's x_bias. cache=None starts
     with zero frames, which the norm maps to zero: the spec's zero padding of the conv input."""
     w = conv.weight[...]
     kt = w.shape[0]
