@@ -223,6 +223,24 @@ def test_tiny_w8a8_dit_holds_the_reference_quantisation_of_its_float_weights():
     assert q.blocks.ffn.fc1.int8_weight[...].dtype == np.int8 and q.blocks.ffn.fc1.weight is None
 
 
+
+def test_random_w8a8_dit_is_drawn_without_a_float_copy():
+    """The real presets' W8A8 DiT: int8 codes over [-127, 127] whose dequantised weights have a 1/sqrt(fan_in)
+    spread, unit norm gains, zero biases, no float block Linears, and a finite forward (2 layers of 1.3B)."""
+    from turbojax.bench.dit_forward import forward_inputs
+    from turbojax.models.config import get_preset
+
+    cfg = get_preset("wan2.1-t2v-1.3b").replace(num_layers=2)
+    dit = parts.random_w8a8_dit(cfg, 0)
+    fc1 = dit.blocks.ffn.fc1
+    codes = np.asarray(fc1.int8_weight[...])
+    assert codes.dtype == np.int8 and codes.min() == -127 and codes.max() == 127 and fc1.weight is None
+    spread = codes.astype(np.float64).std() * float(np.asarray(fc1.scale[...]).max()) * np.sqrt(codes.shape[-1])
+    assert abs(spread - 1) < 0.01
+    assert (np.asarray(dit.blocks.norm3.weight[...]) == 1).all() and (np.asarray(fc1.bias[...]) == 0).all()
+    x, t, ctx = forward_inputs(cfg, (1, 16, 1, 8, 8))
+    assert np.isfinite(np.asarray(dit(x, t, ctx), np.float32)).all()
+
 # ---------------------------------------------------------------------------------------------------------------
 # profile
 # ---------------------------------------------------------------------------------------------------------------

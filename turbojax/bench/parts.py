@@ -8,19 +8,20 @@ dtypes, not on the values), measures, and returns the fields of one result row (
 runs one task in this fresh process and prints its row as JSON after ROW_MARK: the harness's worker, so that the
 device's peak_bytes_in_use (which JAX cannot reset) is the row's own.
 
-Model construction: the DiT and the VAE are drawn on the device (the DiT in one compiled program, as
-dit_forward.random_dit); the umT5 text encoder and the A14B experts of a pipeline are drawn on the device, then
+Model construction: the DiT and the VAE are drawn on the device (a bf16 DiT in one compiled program, as
+dit_forward.random_dit; a W8A8 one leaf by leaf, as random_w8a8_dit); the umT5 text encoder and the A14B experts of a pipeline are drawn on the device, then
 moved to host memory, as loading a checkpoint leaves them, and the pipeline copies them up when it needs them.
-Drawing on the device can leave a transient above the weights (the W8A8 quantiser's bf16 copy of a stacked
-Linear): rows record the peak after building (build_peak_bytes) beside the peak at the end, so a peak that the
+Drawing on the device can leave a transient above the weights: rows record the peak after building (build_peak_bytes) beside the peak at the end, so a peak that the
 build, not the measured work, set is visible as such.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -153,9 +154,54 @@ def build_dit(preset: BenchPreset, spec: AttentionSpec, linears: str, expert: st
     if preset.tiny:
         dit = tiny.tiny_dit(SEED, expert, i2v=preset.i2v, attention=spec)
         return dit if linears == "float" else w8a8_copy(dit)
-    dit = random_dit(preset.cfg, seed=EXPERT_SEEDS[expert], linears=linears)
+    seed = EXPERT_SEEDS[expert]
+    dit = random_w8a8_dit(preset.cfg, seed) if linears == "w8a8" else random_dit(preset.cfg, seed=seed)
     dit.attention = spec
     return dit
+
+
+def random_w8a8_dit(cfg: WanConfig, seed: int) -> WanDiT:
+    """A W8A8 DiT drawn leaf by leaf on the device, never holding a bf16 copy of its block Linears: int8 codes
+    uniform in [-127, 127] with one scale per Linear that gives its weights a 1/sqrt(fan_in) spread (as a quantised
+    N(0, 1/fan_in) weight has), the other matrices N(0, 1/fan_in), norm gains 1, biases 0. Quantising a drawn bf16
+    model (WanDiT(linears="w8a8") under one jit) holds every stacked bf16 weight at once, which at 14B sets a device
+    peak above what generation needs; this keeps the build's peak at the model's size plus one layer's draw."""
+    abstract = nnx.eval_shape(lambda: WanDiT(cfg, linears="w8a8", rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    key = jax.random.key(seed)
+    leaves = [(path, var.replace(_draw_leaf(path, var.get_value(), jax.random.fold_in(key, i))))
+              for i, (path, var) in enumerate(nnx.to_flat_state(state))]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+UNIFORM_INT8_STD = math.sqrt((255**2 - 1) / 12)  # of codes uniform over the 255 integers in [-127, 127]
+
+
+def _draw_leaf(path: tuple, leaf: jax.ShapeDtypeStruct, key: jax.Array) -> jax.Array:
+    """One parameter of random_w8a8_dit by its name; int8 codes [L, N, K] one layer at a time."""
+    name, parent = path[-1], str(path[-2]) if len(path) > 1 else ""
+    shape, dtype = leaf.shape, leaf.dtype
+    if name == "int8_weight":
+        out = jnp.zeros(shape, jnp.int8)
+        for layer in range(shape[0]):
+            out = _set_int8_layer(out, jax.random.fold_in(key, layer), layer)
+        return out
+    if name == "scale":  # [L, N/128, K/128]; K is at most 127 more than 128 x the last dim
+        return jnp.full(shape, 1.0 / (UNIFORM_INT8_STD * math.sqrt(128 * shape[-1])), dtype)
+    if name == "bias" or (name == "weight" and parent.startswith("norm")):
+        return jnp.full(shape, 0.0 if name == "bias" else 1.0, dtype)
+    return _normal(key, shape, dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _set_int8_layer(out: jax.Array, key: jax.Array, layer: int) -> jax.Array:
+    return out.at[layer].set(jax.random.randint(key, out.shape[1:], -127, 128, jnp.int8))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """N(0, 1/fan_in) in dtype, fan_in the last axis (weights are [..., out, in]; a modulation table [..., C])."""
+    return (jax.random.normal(key, shape, jnp.float32) / math.sqrt(shape[-1])).astype(dtype)
 
 
 def build_vae(preset: BenchPreset) -> vae_mod.WanVAE:
