@@ -21,7 +21,7 @@ ERRORS = (ValueError, CheckpointFormatError, OSError)
 # defaults (T2V_DEFAULTS / I2V_DEFAULTS; resolution "tiny" for the tiny preset).
 OPTION_FLAGS = {"frames": "num_frames", "resolution": "resolution", "aspect_ratio": "aspect_ratio",
                 "steps": "num_steps", "sigma_max": "sigma_max", "seed": "seed", "samples": "num_samples"}
-I2V_FLAGS = {"ode": "--ode", "adaptive_resolution": "--adaptive-resolution", "offload": "--offload"}
+I2V_FLAGS = {"ode": "--ode", "adaptive_resolution": "--adaptive-resolution"}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="block Linears: w8a8 (TurboDiffusion's --quant_linear; quantises a bf16 folder at load) or "
                             "float (dequantises a -quant folder); default: w8a8 for -quant folders, else float")
     group.add_argument("--offload", action="store_true",
-                       help="A14B: keep only the running expert on the device (default: only if both do not fit)")
+                       help="keep the DiT weights in host memory, on the device only for the steps (the text "
+                            "encoder and the VAE decode never share it with them); A14B does this by itself when "
+                            "both experts do not fit")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, out_default: str) -> None:
@@ -130,8 +132,9 @@ def load_pipeline(args: argparse.Namespace, kind: str, smoke: bool, *, keep_text
         return I2VPipeline.load(args.dit, args.low_dit, args.text_encoder, args.vae, offload=offload,
                                 linears=args.linears, **common)
     if smoke:
-        return T2VPipeline.tiny(0, **common)
-    return T2VPipeline.load(args.dit, args.text_encoder, args.vae, linears=args.linears, **common)
+        return T2VPipeline.tiny(0, offload=args.offload, **common)
+    return T2VPipeline.load(args.dit, args.text_encoder, args.vae, linears=args.linears, offload=args.offload,
+                            **common)
 
 
 def run_once(pipe, prompt: str, image: str | None, options: dict, out: Path, print_fn: Callable = print) -> Path:

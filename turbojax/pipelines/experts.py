@@ -1,11 +1,12 @@
 """Where the DiT experts' weights live: on the compute device, or in host memory between their steps.
 
-A one-expert model (Wan2.1 T2V) stays on the device. A two-expert model (Wan2.2 A14B: 2 x 28.6 GB in bf16) keeps a
-host copy of each expert, as the reference does; before a generation the pipeline asks `both_fit` whether both
-experts, the other resident weights and one step's working memory fit on the device. If they do, both go to the
-device once and stay; if not, only the running expert is on the device: at the switch the high-noise expert's
-device copy is freed before the low-noise one is copied up (one host-to-device copy per switch, none back, since the
-host copy is kept).
+A one-expert model (Wan2.1 T2V) stays on the device unless the pipeline offloads it. A two-expert model (Wan2.2
+A14B: 2 x 28.6 GB in bf16) keeps a host copy of each expert, as the reference does; before a generation the pipeline
+asks `both_fit` whether both experts, the other resident weights and one step's working memory fit on the device.
+If they do, both go to the device once and stay; if not, only the running expert is on the device: at the switch the
+high-noise expert's device copy is freed before the low-noise one is copied up (one host-to-device copy per switch,
+none back, since the host copy is kept). An offloading pipeline (T2V or A14B) also frees the last expert's device
+copy after the steps, so the text encoder and the VAE never share the device with a DiT.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ExpertBank:
         if not keep_others:
             for other in self.on_device():
                 if other != name:
-                    self._to_host(other)
+                    self.release(other)
         if self._on_device[name] is None:
             self._on_device[name] = jax.device_put(self._on_host[name], self.device)
             self.transfers.append((name, "device"))
@@ -92,7 +93,8 @@ class ExpertBank:
             raise RuntimeError(f"expert {name!r} is not on the device; activate it first")
         return self._on_device[name]
 
-    def _to_host(self, name: str) -> None:
+    def release(self, name: str) -> None:
+        """Frees expert `name`'s device copy, keeping (or first making) its host copy."""
         state = self._on_device[name]
         if self._on_host[name] is None:
             self._on_host[name] = jax.device_put(state, self.host)

@@ -12,6 +12,8 @@ GPU run's `jax.devices()[0].memory_stats()["peak_bytes_in_use"]` is the measurem
 
 Peaks follow the pipelines' memory plan (pipeline.py, experts.py): the DiT(s) and the VAE stay on the device; for
 `turbojax generate` the text encoder is loaded beside them for the prompt and freed, for `turbojax serve` it stays.
+"offload" (`--offload`; A14B's own choice when both experts do not fit) has one expert on the device during the
+steps and none in the other stages.
 """
 
 from __future__ import annotations
@@ -115,14 +117,15 @@ def estimate(preset: Preset, num_frames: int = 81, num_samples: int = 1, aspect_
     inputs = 2 * x.size * 4 + context.size * 2 + (cond.size * 2 if cond is not None else 0)  # x, eps, context, cond
     work = {"text_encode": text, "image_encode": encode, "diffusion": step + inputs, "vae_decode": decode}
 
-    def peak(dit_bytes: int, keep_text: bool) -> int:
-        resident = dit_bytes + b["vae"] + (b["text"] if keep_text else 0)
-        text_stage = resident + (0 if keep_text else b["text"]) + work["text_encode"]
-        return max(text_stage, *(resident + w for k, w in work.items() if k != "text_encode"))
+    def peak(keep_text: bool, offload: bool) -> int:
+        """Resident weights + the largest stage; offloaded, one expert is on the device during the steps only."""
+        resident = b["vae"] + (b["text"] if keep_text else 0)
+        dit = {k: (b["expert"] if k == "diffusion" else 0) if offload else b["dit"] for k in work}
+        text_stage = resident + dit["text_encode"] + (0 if keep_text else b["text"]) + work["text_encode"]
+        return max(text_stage, *(resident + dit[k] + w for k, w in work.items() if k != "text_encode"))
 
-    rows = {"generate": peak(b["dit"], False), "serve": peak(b["dit"], True)}
-    if preset.experts == 2:
-        rows.update({"generate, offload": peak(b["expert"], False), "serve, offload": peak(b["expert"], True)})
+    rows = {"generate": peak(False, False), "serve": peak(True, False),
+            "generate, offload": peak(False, True), "serve, offload": peak(True, True)}
     return {"preset": preset, "size": (height, width), "bytes": b, "working": work, "peak": rows}
 
 
@@ -134,10 +137,8 @@ def markdown(results: list[dict]) -> str:
         dit = f"{b['dit'] / GB:.1f}" + (f" (2 x {b['expert'] / GB:.1f})" if r["preset"].experts == 2 else "")
         work = ", ".join(f"{w[k] / GB:.1f}" if w[k] else "-" for k in ("text_encode", "image_encode", "diffusion",
                                                                          "vae_decode"))
-        gen, serve = f"{p['generate'] / GB:.1f}", f"{p['serve'] / GB:.1f}"
-        if "generate, offload" in p:
-            gen += f" (offload: {p['generate, offload'] / GB:.1f})"
-            serve += f" (offload: {p['serve, offload'] / GB:.1f})"
+        gen = f"{p['generate'] / GB:.1f} (offload: {p['generate, offload'] / GB:.1f})"
+        serve = f"{p['serve'] / GB:.1f} (offload: {p['serve, offload'] / GB:.1f})"
         lines.append(f"| {r['preset'].name} ({r['size'][1]}x{r['size'][0]}) | {dit} | {b['text'] / GB:.1f} / "
                      f"{b['vae'] / GB:.2f} | {work} | {gen} | {serve} |")
     return "\n".join(lines)

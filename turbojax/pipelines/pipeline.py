@@ -11,7 +11,9 @@ experts between steps and the progress bar advances per step. Noise is drawn lik
 same latents as `RCMSampler(high, low)(context, cond, seed=...)`.
 
 Memory plan (see experts.py): the DiT (T2V) and the VAE stay on the device; both A14B experts too when they fit with
-everything else, else only the running one. The text encoder is loaded for a new prompt and freed after encoding,
+everything else, else only the running one. offload=True keeps the DiT weights in host memory and puts them on the
+device only for the steps (one host-to-device copy per generation and expert), so the text encoder and the VAE decode
+never share the device with them. The text encoder is loaded for a new prompt and freed after encoding,
 unless keep_text_encoder (what `turbojax serve` does), and the last prompt's embedding is kept, so a new
 seed or image with the same prompt skips the encoder.
 """
@@ -311,6 +313,9 @@ class _Pipeline:
         self.cfg = cfgs[0]
         self.device = jax.devices()[0]
         self.experts = ExpertBank(experts, self.device)
+        if offload:
+            for name in self.experts.on_device():
+                self.experts.release(name)
         self.vae = vae
         self.text = text
         self.offload = offload
@@ -379,7 +384,11 @@ class _Pipeline:
             self.experts.activate(name, keep_others=keep)
             x = programs[name](self.experts.device_state(name), x, np.float32(t[i]), np.float32(t[i + 1]),
                                np.float32(net_t[i]), noise[i + 1], context, cond)
-        return jax.block_until_ready(x), names
+        x = jax.block_until_ready(x)
+        if not keep:  # the VAE decode and the next prompt's text encoder get the device without a DiT
+            for name in self.experts.on_device():
+                self.experts.release(name)
+        return x, names
 
 
 def _load_common(text_encoder: str | Path, vae: str | Path, keep_text_encoder: bool, progress: bool):
@@ -400,23 +409,24 @@ class T2VPipeline(_Pipeline):
     @classmethod
     def load(cls, dit: str | Path, text_encoder: str | Path, vae: str | Path, *, attention="dense",
              sla_topk: float = 0.1, linears: str | None = None, keep_text_encoder: bool = False,
-             progress: bool = True, verbose: bool = True) -> T2VPipeline:
+             offload: bool = False, progress: bool = True, verbose: bool = True) -> T2VPipeline:
         """From converted folders (turbojax-convert). linears goes to load_dit: None follows the folder (W8A8 for
-        a -quant checkpoint), "w8a8" quantises a bf16 one at load, "float" dequantises a -quant one."""
+        a -quant checkpoint), "w8a8" quantises a bf16 one at load, "float" dequantises a -quant one. offload: keep
+        the DiT in host memory, on the device only for the steps (see the module's memory plan)."""
         check_folders("t2v", {"dit": dit, "text_encoder": text_encoder, "vae": vae})
         spec = attention_spec(attention, sla_topk)
         check_linears_option(linears)
         text, vae_model = _load_common(text_encoder, vae, keep_text_encoder, progress)
         model = load_dit(dit, attention=spec, linears=linears, progress=progress)
-        return cls({"high": model}, vae_model, text, progress=progress, verbose=verbose)
+        return cls({"high": model}, vae_model, text, offload=offload, progress=progress, verbose=verbose)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, attention="dense", sla_topk: float = 0.1, keep_text_encoder: bool = False,
-             progress: bool = False, verbose: bool = True) -> T2VPipeline:
+             offload: bool = False, progress: bool = False, verbose: bool = True) -> T2VPipeline:
         """The embedded smoke-test preset (random weights from `seed`; see tiny.py); sizes default to "tiny"."""
         spec = attention_spec(attention, sla_topk)
         text = TextStage(lambda: tiny.tiny_text_encoder(seed), keep=keep_text_encoder)
-        return cls({"high": tiny.tiny_dit(seed, attention=spec)}, tiny.tiny_vae(seed), text,
+        return cls({"high": tiny.tiny_dit(seed, attention=spec)}, tiny.tiny_vae(seed), text, offload=offload,
                    defaults={"resolution": "tiny"}, progress=progress, verbose=verbose)
 
 
