@@ -87,6 +87,17 @@ def test_bench_markdown_has_every_row_and_the_goals(i2v_run):
     assert "| diffusion only, 1.3B-480p (4-step sampler) | 0.45 s | not measured |" in text
 
 
+def test_offload_reaches_the_pipeline_rows(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--parts", "pipeline", "--attention", "dense", "--linears", "float",
+                 "--iters", "1", "--offload", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["extra"]["offload"] is True
+    transfers = [tuple(t) for t in row["extra"]["expert_transfers"]]
+    assert transfers[0] == ("high", "host") and transfers[1:] == [("high", "device"), ("high", "host")] * 3
+    assert "offload" in harness.notes(row)
+
+
 def test_missing_variants_are_rows_with_their_reason(tmp_path, monkeypatch, capsys):
     """As on the GPU machine (no imageio-ffmpeg) and before SageSLA existed: rows that say why, not a crash."""
     real_spec = pipeline_module.attention_spec

@@ -48,7 +48,7 @@ JSON: {"rows": [row, ...], "goals": [goal, ...]}. A row (ROW_FIELDS; null where 
   build_peak_bytes                   that peak once the row's models were built
   stages                             pipeline and compile-cache: seconds per stage (text_load, text_encode,
                                      image_encode, diffusion, vae_decode, write)
-  extra                              part-specific: tokens and shapes, generate_peak_bytes, cache entries, ...
+  extra                              part-specific: tokens and shapes, generate_peak_bytes, offload, cache entries, ...
 A goal (GOALS): goal, target, unit, value, row (preset/part/attention/linears of the best row), ratio
 (value / target), met, caveat (what the value leaves out, e.g. the mp4 write where imageio-ffmpeg is missing: then
 a lower bound, and met is null while it stays under the target); value null when no row measured it.
@@ -88,12 +88,12 @@ ROOT = Path(__file__).resolve().parent.parent.parent  # the folder holding the t
 
 
 def plan(presets: list[str], part_names: list[str], attentions: list[str], linears: list[str],
-         frames: int | None, iters: int, sla_topk: float) -> list[dict]:
+         frames: int | None, iters: int, sla_topk: float, offload: bool = False) -> list[dict]:
     """The tasks of a run in order: per preset, per part, the DiT parts per linears and attention; "vae" is the
-    decode and, for I2V presets, the image encode."""
+    decode and, for I2V presets, the image encode. offload goes to the pipelines the pipeline parts build."""
     tasks = []
     for name in presets:
-        base = {"preset": name, "frames": frames, "iters": iters, "sla_topk": sla_topk}
+        base = {"preset": name, "frames": frames, "iters": iters, "sla_topk": sla_topk, "offload": offload}
         for part in part_names:
             if part in DIT_PARTS:
                 tasks += [{**base, "part": part, "attention": a, "linears": lin} for lin in linears
@@ -280,6 +280,8 @@ def notes(row: dict) -> str:
         out.append(", ".join(f"{k} {v:.3f} s" for k, v in row["stages"].items()))
         if extra.get("generate_peak_bytes") is not None:
             out.append(f"generate peak {_gb(extra['generate_peak_bytes'])} GB")
+        if extra.get("offload"):
+            out.append("offload (the DiT on the device for the steps only)")
     elif row["part"] == "compile-cache":
         cold, warm = row["first_call_s"], extra["warm_first_call_s"]
         out.append(f"first generation: cold cache {cold:.1f} s, warm cache {warm:.1f} s ({cold / warm:.1f}x); "
@@ -368,6 +370,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=3, help="timed calls after the first (default 3)")
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default: the preset's, 81; tiny 1)")
     p.add_argument("--sla-topk", type=float, default=0.1, help="SLA's kept key-block share (default 0.1)")
+    p.add_argument("--offload", action="store_true",
+                   help="pipelines keep the DiT in host memory, on the device for the steps only (--offload)")
     p.add_argument("--isolate", default="auto", choices=["auto", "subprocess", "none"],
                    help="one fresh process per row, for per-row peak memory (auto: yes unless only tiny presets)")
     p.add_argument("--timeout", type=float, help="seconds a row's process may run before it is killed")
@@ -408,7 +412,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         isolate = args.isolate == "subprocess" or (args.isolate == "auto"
                                                    and not set(args.preset) <= set(TINY_PRESETS))
-        tasks = plan(args.preset, args.parts, args.attention, args.linears, args.frames, args.iters, args.sla_topk)
+        tasks = plan(args.preset, args.parts, args.attention, args.linears, args.frames, args.iters, args.sla_topk,
+                     args.offload)
         print(f"turbojax bench: {len(tasks)} rows, {'one process each' if isolate else 'in this process'}",
               flush=True)
         rows: list[dict] = []

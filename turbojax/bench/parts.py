@@ -343,11 +343,12 @@ def measure_mp4(preset, frames, iters, peaks) -> dict:
             "extra": {"mp4_bytes": size}}
 
 
-def build_pipeline(preset: BenchPreset, spec: AttentionSpec, linears: str, frames: int):
+def build_pipeline(preset: BenchPreset, spec: AttentionSpec, linears: str, frames: int, offload: bool = False):
     """The preset's pipeline from random models, as its load() leaves them: a T2V DiT on the device, I2V's experts
     in host memory (the pipeline moves them), the VAE on the device, and the text encoder as a host copy that each
     load puts on the device as a new TextEncoder (load_text_encoder does the same), freed after the prompt
-    (TextStage keep=False). Returns the pipeline and the list its loads append their seconds to."""
+    (TextStage keep=False). offload: the pipeline's (the DiT on the device for the steps only). Returns the pipeline
+    and the list its loads append their seconds to."""
     graphdef, host_state = nnx.split(to_host(build_umt5(preset)))
     spm = tokenizer()
     device = jax.devices()[0]
@@ -365,7 +366,8 @@ def build_pipeline(preset: BenchPreset, spec: AttentionSpec, linears: str, frame
     else:
         experts = {"high": build_dit(preset, spec, linears)}
     kind = I2VPipeline if preset.i2v else T2VPipeline
-    pipe = kind(experts, build_vae(preset), TextStage(load, keep=False), progress=False, verbose=False,
+    pipe = kind(experts, build_vae(preset), TextStage(load, keep=False), offload=offload or None, progress=False,
+                verbose=False,
                 defaults={"resolution": preset.resolution, "num_frames": frames})
     return pipe, load_times
 
@@ -385,12 +387,12 @@ def generation(pipe, preset: BenchPreset, image: Path | None, call: int, out_dir
     return {"text_load": load_s, **stages}
 
 
-def measure_pipeline(preset, spec, linears, frames, iters, peaks) -> dict:
+def measure_pipeline(preset, spec, linears, frames, iters, peaks, offload: bool = False) -> dict:
     """The end-to-end pipeline. Call 0 is a one-shot `turbojax generate` (the text encoder loaded for the prompt
     and freed after it; compilation included): its seconds per stage and the device peak after it. Then the encoder
     is kept, as `turbojax serve` does: call 1 loads it, and calls 2.. (iters of them) are the warm timings, a new
     prompt and seed each."""
-    pipe, load_times = build_pipeline(preset, spec, linears, frames)
+    pipe, load_times = build_pipeline(preset, spec, linears, frames, offload)
     peaks.mark_built()
     with tempfile.TemporaryDirectory() as tmp:
         image = write_test_image(Path(tmp), *preset.size()) if preset.i2v else None
@@ -407,13 +409,13 @@ def measure_pipeline(preset, spec, linears, frames, iters, peaks) -> dict:
                     f"{NUM_STEPS} steps; warm calls keep the text encoder ({writes})",
             "median_ms": 1e3 * statistics.median(totals), "min_ms": 1e3 * min(totals),
             "first_call_s": sum(first.values()), "stages": stages,
-            "extra": {"first_call_stages": first, "generate_peak_bytes": generate_peak,
+            "extra": {"first_call_stages": first, "generate_peak_bytes": generate_peak, "offload": offload,
                       "expert_transfers": [list(t) for t in pipe.experts.transfers]}}
 
 
-def measure_first_generation(preset, spec, linears, frames, iters, peaks) -> dict:
+def measure_first_generation(preset, spec, linears, frames, iters, peaks, offload: bool = False) -> dict:
     """One `turbojax generate` in this process (the compile-cache part runs it twice, cold and warm cache)."""
-    pipe, load_times = build_pipeline(preset, spec, linears, frames)
+    pipe, load_times = build_pipeline(preset, spec, linears, frames, offload)
     peaks.mark_built()
     with tempfile.TemporaryDirectory() as tmp:
         image = write_test_image(Path(tmp), *preset.size()) if preset.i2v else None
@@ -430,6 +432,7 @@ def write_test_image(folder: Path, height: int, width: int) -> Path:
 
 DIT_PARTS = {"dit": measure_dit, "sampler": measure_sampler, "pipeline": measure_pipeline,
              "first-generation": measure_first_generation}
+PIPELINE_PARTS = ("pipeline", "first-generation")  # the parts that build a pipeline, and so take its offload
 OTHER_PARTS = {"text": measure_text, "vae-decode": measure_vae_decode, "vae-encode": measure_vae_encode,
                "mp4": measure_mp4}
 
@@ -453,7 +456,7 @@ def failure(exc: BaseException) -> tuple[str, str]:
 
 
 def measure(task: dict) -> dict:
-    """Runs one task {preset, part, attention, linears, frames, iters, sla_topk} in this process: its row's
+    """Runs one task {preset, part, attention, linears, frames, iters, sla_topk, offload} in this process: its row's
     measured fields, status and reason, device and memory peaks (the scope is set by the caller)."""
     preset = PRESETS[task["preset"]]
     frames = task.get("frames") or preset.frames
@@ -462,7 +465,9 @@ def measure(task: dict) -> dict:
     try:
         if task["part"] in DIT_PARTS:
             spec = attention_spec(task["attention"], task.get("sla_topk", 0.1))
-            fields.update(DIT_PARTS[task["part"]](preset, spec, task["linears"], frames, task["iters"], peaks))
+            options = {"offload": True} if task.get("offload") and task["part"] in PIPELINE_PARTS else {}
+            fields.update(DIT_PARTS[task["part"]](preset, spec, task["linears"], frames, task["iters"], peaks,
+                                                  **options))
         else:
             fields.update(OTHER_PARTS[task["part"]](preset, frames, task["iters"], peaks))
     except Exception as exc:  # one row per failure: an OOM or a kernel that does not lower must not stop the run
