@@ -75,7 +75,11 @@ def sparse_rows(name: str, variants: dict, operands, where, *, iters: int, compa
     return rows, out
 
 
-def table(iters: int, block_q: int, block_k: int, with_reference: bool, mosaic_blocks_per_step=(2,)) -> list[dict]:
+DEFAULT_BLOCKS_PER_STEP = (mosaic.MosaicConfig().blocks_per_step,)
+
+
+def table(iters: int, block_q: int, block_k: int, with_reference: bool,
+          mosaic_blocks_per_step=DEFAULT_BLOCKS_PER_STEP) -> list[dict]:
     rows = []
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
     for h, l in SHAPES:
@@ -174,7 +178,7 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
     return rows
 
 
-def sweep(iters: int, mosaic_blocks_per_step=(2,)) -> list[dict]:
+def sweep(iters: int, mosaic_blocks_per_step=DEFAULT_BLOCKS_PER_STEP) -> list[dict]:
     """Launch configurations of the SLA and SageSLA sparse kernels at H=12, L=32760, topk 0.1 (the Mosaic SLA
     kernel's ring depths with each blocks_per_step at block_k=64; its slots are capped by shared memory)."""
     q, k, v, _, _ = inputs(12, 32760)
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA and SageSLA rows")
     p.add_argument("--mosaic-blocks-per-step", type=int, nargs="+", choices=(1, 2),
-                   default=[mosaic.MosaicConfig().blocks_per_step],
+                   default=list(DEFAULT_BLOCKS_PER_STEP),
                    help="key blocks per softmax step of the Mosaic SLA kernel (block_k=64): a kernel-alone row and "
                         "sweep candidates per value")
     p.add_argument("--json")
