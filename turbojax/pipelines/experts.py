@@ -93,6 +93,11 @@ class ExpertBank:
             raise RuntimeError(f"expert {name!r} is not on the device; activate it first")
         return self._on_device[name]
 
+    def release_all(self) -> None:
+        """Frees every expert's device copy (host copies kept)."""
+        for name in self.on_device():
+            self.release(name)
+
     def release(self, name: str) -> None:
         """Frees expert `name`'s device copy, keeping (or first making) its host copy."""
         state = self._on_device[name]

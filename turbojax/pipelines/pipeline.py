@@ -314,8 +314,7 @@ class _Pipeline:
         self.device = jax.devices()[0]
         self.experts = ExpertBank(experts, self.device)
         if offload:
-            for name in self.experts.on_device():
-                self.experts.release(name)
+            self.experts.release_all()
         self.vae = vae
         self.text = text
         self.offload = offload
@@ -386,8 +385,7 @@ class _Pipeline:
                                np.float32(net_t[i]), noise[i + 1], context, cond)
         x = jax.block_until_ready(x)
         if not keep:  # the VAE decode and the next prompt's text encoder get the device without a DiT
-            for name in self.experts.on_device():
-                self.experts.release(name)
+            self.experts.release_all()
         return x, names
 
 
