@@ -9,10 +9,11 @@ runs one task in this fresh process and prints its row as JSON after ROW_MARK: t
 device's peak_bytes_in_use (which JAX cannot reset) is the row's own.
 
 Model construction: the DiT and the VAE are drawn on the device (a bf16 DiT in one compiled program, as
-dit_forward.random_dit; a W8A8 one leaf by leaf, as random_w8a8_dit); the umT5 text encoder and the A14B experts of a pipeline are drawn on the device, then
-moved to host memory, as loading a checkpoint leaves them, and the pipeline copies them up when it needs them.
-Drawing on the device can leave a transient above the weights: rows record the peak after building (build_peak_bytes) beside the peak at the end, so a peak that the
-build, not the measured work, set is visible as such.
+dit_forward.random_dit; a W8A8 one leaf by leaf, as random_w8a8_dit); the umT5 text encoder and the A14B experts of
+a pipeline are drawn on the device, then moved to host memory, as loading a checkpoint leaves them, and the pipeline
+copies them up when it needs them. Drawing on the device can leave a transient above the weights: rows record the
+peak after building (build_peak_bytes) beside the peak at the end, so a peak that the build, not the measured work,
+set is visible as such.
 """
 
 from __future__ import annotations
@@ -366,9 +367,9 @@ def build_pipeline(preset: BenchPreset, spec: AttentionSpec, linears: str, frame
     else:
         experts = {"high": build_dit(preset, spec, linears)}
     kind = I2VPipeline if preset.i2v else T2VPipeline
+    # offload=None leaves A14B its own choice (both experts stay when they fit), as `turbojax generate` does.
     pipe = kind(experts, build_vae(preset), TextStage(load, keep=False), offload=offload or None, progress=False,
-                verbose=False,
-                defaults={"resolution": preset.resolution, "num_frames": frames})
+                verbose=False, defaults={"resolution": preset.resolution, "num_frames": frames})
     return pipe, load_times
 
 

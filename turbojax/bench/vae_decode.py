@@ -1,13 +1,14 @@
 """Wan2.1 VAE decode latency and device memory at real shapes, random weights, each conv path in the same process.
 
-    python -m turbojax.bench.vae_decode                 # 81 frames at 480p and 720p, bf16, conv paths fold and xla3d
+    python -m turbojax.bench.vae_decode                 # 81 frames at 480p and 720p, bf16, load_vae's default path
+                                                        # (ndhwc on GPUs, fold elsewhere) and the xla3d baseline
     python -m turbojax.bench.vae_decode --tiny          # CPU smoke test: tiny config, 9 frames at 64x96
 
 Every path decodes the same latents with the production code (one first latent frame, then a lax.scan over the
-rest). "fold" is turbojax's default path (temporal taps folded into 2-D NHWC convolutions); "xla3d" is the plain
-lax.conv_general_dilated 3-D port, the XLA-default baseline; "ndhwc" is that port compiled with
-xla_gpu_force_conv_nhwc (opt-in: `--conv fold xla3d ndhwc`, about a minute more). Prints the device, one JSON line per run and a markdown table:
-median and min of --iters timed decodes after a warm-up, compile time, the compiled program's device memory
+rest). "ndhwc" (load_vae's default on GPUs) is the 3-D convolutions compiled with xla_gpu_force_conv_nhwc; "fold"
+(the default elsewhere) folds the temporal taps into 2-D NHWC convolutions; "xla3d" is the plain
+lax.conv_general_dilated 3-D port, the XLA-default baseline. Prints the device, one JSON line per run and a markdown
+table: median and min of --iters timed decodes after a warm-up, compile time, the compiled program's device memory
 (arguments = weights + latents, temp, output; peak = their sum, what XLA reserves for the call) and each path's max
 relative difference to the first path's video.
 """
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--res", nargs="+", default=["480p", "720p"], choices=sorted(RESOLUTIONS))
     p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--conv", nargs="+", default=["fold", "xla3d"], choices=vae_mod.CONV_IMPLS,
+    default_conv = "ndhwc" if jax.default_backend() == "gpu" else "fold"
+    p.add_argument("--conv", nargs="+", default=[default_conv, "xla3d"], choices=vae_mod.CONV_IMPLS,
                    help="paths to time; the first is the reference of the rel. diff column")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--iters", type=int, default=3)
