@@ -438,11 +438,20 @@ class WanVAE(nnx.Module):
         graphdef, state = nnx.split(self)
         return jitted(encode_video, self.conv)(graphdef, state, video, chunked)
 
-    def decode(self, z: jax.Array, *, chunked: bool = True) -> jax.Array:
-        """Raw latents z [B, z, T, h, w] -> video [B, 3, 4T - 3, 8h, 8w] in [-1, 1], in the VAE's dtype."""
+    def decode(self, z: jax.Array, *, chunked: bool = True, tile: int | None = None,
+               tile_overlap: int | None = None) -> jax.Array:
+        """Raw latents z [B, z, T, h, w] -> video [B, 3, 4T - 3, 8h, 8w] in [-1, 1], in the VAE's dtype.
+
+        tile (latent pixels, e.g. 32 = 256 output pixels): decode overlapping tile x tile windows one at a time and
+        blend them (`decode_tiled`), for sizes whose whole-frame decode does not fit; tile_overlap defaults to
+        tile // 4. The seams are blended, not exact: each window sees only its own latents."""
         check_latents(self.cfg, z.shape)
         graphdef, state = nnx.split(self)
-        return jitted(decode_latents, self.conv)(graphdef, state, z, chunked)
+        decode = functools.partial(jitted(decode_latents, self.conv), graphdef, state, chunked=chunked)
+        if tile is None:
+            return decode(z)
+        return decode_tiled(decode, z, tile, tile // 4 if tile_overlap is None else tile_overlap,
+                            self.cfg.spatial_factor)
 
 
 def encode_video(vae: WanVAE, video: jax.Array, chunked: bool = True) -> jax.Array:
@@ -463,6 +472,76 @@ def decode_latents(vae: WanVAE, z: jax.Array, chunked: bool = True) -> jax.Array
     forward = functools.partial(decoder_forward, vae.decoder, impl=vae.conv, dtype=vae.dtype)
     y = run_causal(forward, x, 1, 1, chunked)
     return jnp.moveaxis(jnp.clip(y, -1.0, 1.0), -1, 1)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of the fewest windows of `tile` that cover [0, size) with neighbours sharing at least
+    `overlap`, spread evenly from 0 to size - tile (one window when tile >= size)."""
+    if tile >= size:
+        return [0]
+    n = -(-(size - overlap) // (tile - overlap))
+    return [i * (size - tile) // (n - 1) for i in range(n)]
+
+
+def blend_ramp(length: int, start: int, end: int, ramp_lo: int, ramp_hi: int) -> np.ndarray:
+    """Weights [length] of a window's pixels [start, end) of an axis: rising linearly over its first ramp_lo
+    pixels and falling over its last ramp_hi (0 where the window has no neighbour on that side), 1 between."""
+    w = np.zeros(length, np.float32)
+    n = end - start
+    ramp = np.ones(n, np.float32)
+    if ramp_lo:
+        ramp[:ramp_lo] = np.minimum(ramp[:ramp_lo], (np.arange(ramp_lo) + 0.5) / ramp_lo)
+    if ramp_hi:
+        ramp[n - ramp_hi:] = np.minimum(ramp[n - ramp_hi:], (np.arange(ramp_hi)[::-1] + 0.5) / ramp_hi)
+    w[start:end] = ramp
+    return w
+
+
+def _axis_windows(size: int, tile: int, overlap: int, scale: int) -> list[tuple[int, int, np.ndarray]]:
+    """(latent start, latent end, output-pixel weights [(end - start) * scale]) of each window along one axis: ramps
+    across the pixels it shares with each neighbour, 1 elsewhere."""
+    starts = tile_starts(size, tile, overlap)
+    ends = [min(s + tile, size) for s in starts]
+    out = []
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        lo = (ends[i - 1] - s) * scale if i > 0 else 0
+        hi = (e - starts[i + 1]) * scale if i + 1 < len(starts) else 0
+        out.append((s, e, blend_ramp((e - s) * scale, 0, (e - s) * scale, lo, hi)))
+    return out
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _accumulate(total: jax.Array, weights: jax.Array, part: jax.Array, weight: jax.Array, y0, x0):
+    """total[..., y0:, x0:] += part * weight and weights[y0:, x0:] += weight, in place (donated): total fp32
+    [B, 3, T, H, W], weights [H, W], part [B, 3, T, th, tw], weight [th, tw]."""
+    idx = (0, 0, 0, y0, x0)
+    window = jax.lax.dynamic_slice(total, idx, part.shape) + part.astype(f32) * weight
+    acc = jax.lax.dynamic_slice(weights, (y0, x0), weight.shape) + weight
+    return (jax.lax.dynamic_update_slice(total, window, idx),
+            jax.lax.dynamic_update_slice(weights, acc, (y0, x0)))
+
+
+def decode_tiled(decode, z: jax.Array, tile: int, overlap: int, scale: int) -> jax.Array:
+    """Spatially tiled decode: decode(z_window [B, z, T, th, tw]) -> [B, 3, T', scale*th, scale*tw] on overlapping
+    windows of z [B, z, T, h, w], blended -> [B, 3, T', scale*h, scale*w] in decode's dtype.
+
+    Windows of at most `tile` latent pixels overlap by at least `overlap`; the edge windows end at the frame's edge
+    (so at most four window shapes compile). Each output pixel is the weighted mean of the windows covering it, with
+    weights ramping linearly across every overlap, so seams fade instead of cutting. Device memory: one window's
+    decode plus the fp32 output."""
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"tile must be >= 1 and 0 <= tile_overlap < tile, got tile {tile}, overlap {overlap}")
+    h, w = z.shape[-2:]
+    total = weights = dtype = None
+    for hs, he, wy in _axis_windows(h, tile, overlap, scale):
+        for ws, we, wx in _axis_windows(w, tile, overlap, scale):
+            part = decode(z[..., hs:he, ws:we])
+            if total is None:
+                dtype = part.dtype
+                total = jnp.zeros((*part.shape[:3], h * scale, w * scale), f32)
+                weights = jnp.zeros((h * scale, w * scale), f32)
+            total, weights = _accumulate(total, weights, part, jnp.asarray(np.outer(wy, wx)), hs * scale, ws * scale)
+    return (total / weights).astype(dtype)
 
 
 @functools.cache
