@@ -45,6 +45,16 @@ def rel(a, b) -> float:
     return float(jnp.abs(a - b).max() / jnp.abs(b).max())
 
 
+def bench_or_report(what: str, fn, *args, iters: int) -> float | None:
+    """bench(fn, *args) in ms, or None after printing why `what` failed to build or run here: one kernel that does
+    not lower must not stop the other rows."""
+    try:
+        return bench(fn, *args, iters=iters)
+    except Exception as e:
+        print(f"{what} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+
+
 def sparse_variants(name: str, kernel, block_q: int, block_k: int, mosaic_blocks_per_step) -> dict:
     """The sparse kernel alone, by row label: the Mosaic one once per effective blocks_per_step (block_k=128 runs
     one block per step whatever is asked), the Triton one as configured by default."""
@@ -61,11 +71,8 @@ def sparse_rows(name: str, variants: dict, operands, where, *, iters: int, compa
     to `compare_to` (the Triton kernel's output) where given; also returns the last variant's output."""
     rows, out = [], None
     for label, sparse in variants.items():
-        try:
-            ms = bench(sparse, *operands, iters=iters)
-        except Exception as e:  # a variant that fails to build is reported, the others still run
-            print(f"{name} sparse kernel{label} failed at H, L, topk = {where}: {type(e).__name__}: {str(e)[:300]}",
-                  flush=True)
+        ms = bench_or_report(f"{name} sparse kernel{label} at H, L, topk = {where}", sparse, *operands, iters=iters)
+        if ms is None:
             continue
         out = sparse(*operands)
         rows.append(dict(zip(("heads", "tokens", "topk"), where), path=f"  {name} sparse kernel alone{label}", ms=ms))
@@ -92,10 +99,9 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool,
             for name, kernel in (("triton", triton.sparse_attention), ("mosaic", mosaic.sparse_attention)):
                 full = jax.jit(functools.partial(sla.sla_attention, topk=topk, block_q=block_q, block_k=block_k,
                                                  implementation=name))
-                try:
-                    ms = bench(lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b), q, k, v, w, b, iters=iters)
-                except Exception as e:  # report a kernel that fails to build here, keep the other rows
-                    print(f"{name} failed at H={h} L={l}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                ms = bench_or_report(f"{name} at H={h} L={l}", lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b),
+                                     q, k, v, w, b, iters=iters)
+                if ms is None:
                     continue
                 results[name] = full(q, k, v, proj_w=w, proj_b=b)
                 rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, {name} sparse kernel ({block_q},{block_k})",
@@ -153,10 +159,9 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
         full = jax.jit(functools.partial(sla.sage_sla_attention, topk=topk, block_q=block_q, block_k=block_k,
                                          implementation=name))
         sparse = jax.jit(functools.partial(kernel, block_q=block_q, block_k=block_k))
-        try:
-            ms = bench(lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b), q, k, v, w, b, iters=iters)
-        except Exception as e:  # report a kernel that fails to build here, keep the other rows
-            print(f"SageSLA {name} failed at H={h} L={l}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        ms = bench_or_report(f"SageSLA {name} at H={h} L={l}", lambda q, k, v, w, b: full(q, k, v, proj_w=w, proj_b=b),
+                             q, k, v, w, b, iters=iters)
+        if ms is None:
             continue
         results[name] = full(q, k, v, proj_w=w, proj_b=b)
         rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SageSLA, {name} sparse kernel ({block_q},{block_k})",
@@ -197,12 +202,10 @@ def sweep(iters: int, mosaic_blocks_per_step=DEFAULT_BLOCKS_PER_STEP) -> list[di
         lut = sla.block_map(q, k, topk=0.1, block_q=block_q, block_k=block_k)
         fn = jax.jit(functools.partial(kernels[name], block_q=block_q, block_k=block_k, config=cfg))
         operands = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k) if "sage" in name else (q, k, v)
-        try:
-            ms = bench(fn, *operands, lut, iters=iters)
-        except Exception as e:  # a config the compiler rejects (e.g. shared memory) is reported, not fatal
-            ms = float("nan")
-            print(f"{name} ({block_q},{block_k}) {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        rows.append(dict(kernel=name, block_q=block_q, block_k=block_k, config=str(cfg), ms=ms))
+        # A config the compiler rejects (e.g. shared memory) is reported and kept as a NaN row.
+        ms = bench_or_report(f"{name} ({block_q},{block_k}) {cfg}", fn, *operands, lut, iters=iters)
+        rows.append(dict(kernel=name, block_q=block_q, block_k=block_k, config=str(cfg),
+                         ms=float("nan") if ms is None else ms))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

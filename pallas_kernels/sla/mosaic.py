@@ -63,6 +63,13 @@ def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
         and shapes_supported(q, block_q, block_k)
 
 
+def ping_pong_turn(schedule) -> None:
+    """Hands the tensor cores to the other compute warpgroup and waits for them back (the FA3 ping-pong): both
+    warpgroups arrive on and wait at the `schedule` barrier, which counts one arrival per compute warpgroup."""
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+
 def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedule,
             *, seq_len, block_k, n_sel, per_step, slots, scale):
     """lut_ref int32 [B, H, Nq, k]; q/k/v/o_ref [B, L, H, D] in global memory. Step s covers `per_step` selected
@@ -76,9 +83,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, o_ref, smem, loaded, consumed, schedul
     n_steps = pl.cdiv(n_sel, per_step)
     step_k = per_step * block_k
 
-    def take_turn():
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(schedule)
+    take_turn = functools.partial(ping_pong_turn, schedule)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():

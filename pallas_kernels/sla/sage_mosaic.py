@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring
+from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring, ping_pong_turn
 from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
 
 
@@ -70,9 +70,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
     wg = lax.axis_index("wg")
     lut_row = lut_ref.at[bi, hi, qi]
 
-    def take_turn():
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(schedule)
+    take_turn = functools.partial(ping_pong_turn, schedule)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
