@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import sla
-from pallas_kernels.sla import mosaic, reference, triton
+from pallas_kernels.sla import mosaic, reference, topk, triton
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -229,3 +229,112 @@ def test_linear_state_matches_reference(dtype, tol):
     kv, k_sum = triton.linear_state(k, v, splits=4, interpret=not ON_GPU)
     ref_kv, ref_sum = reference.linear_state(k, v)
     assert kv.dtype == dtype and _rel(kv, ref_kv) < tol and _rel(k_sum, ref_sum) < tol
+
+
+def test_mosaic_kernel_with_the_linear_epilogue_lowers_for_an_h100():
+    """The fused linear epilogue (phi(q) kv and proj_l by two more wgmmas per warpgroup, proj_l's weight transposed
+    in shared memory, kv and the weight copied into a released ring slot) lowers to the kernel's PTX, which takes
+    the four linear-branch arrays."""
+    l, h, d, n_sel = 1000, 2, 128, 5
+    spec = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    operands = (spec((1, l, h, d), bf16),) * 3 + (spec((1, h, -(-l // 128), n_sel), jnp.int32),
+                                                  spec((1, h, d, d), bf16), spec((1, h, d), bf16), spec((d, d), bf16),
+                                                  spec((d,), bf16))
+    fn = lambda q, k, v, lut, kv, k_sum, w, b: mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=64,
+                                                                       linear=(kv, k_sum, w, b))
+    text = _abstract_h100_lowering(fn, *operands)
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+    call = next(line for line in text.splitlines() if "stablehlo.custom_call" in line)
+    assert "tensor<1x2x128x128xbf16>, tensor<1x2x128xbf16>, tensor<128x128xbf16>, tensor<128xbf16>" in call
+
+
+def test_mosaic_linear_epilogue_needs_slots_of_head_dim_rows():
+    assert mosaic.fuses_linear(mosaic.MosaicConfig(), 64, 128)
+    assert not mosaic.fuses_linear(mosaic.MosaicConfig(blocks_per_step=1), 64, 128)
+    assert mosaic.fuses_linear(mosaic.MosaicConfig(blocks_per_step=1), 64, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("l, d, n_sel, with_bias", [(1000, 128, 1, True), (1000, 128, 4, False), (1000, 64, 9, True),
+                                                    (4104, 128, 7, True)])
+def test_mosaic_fused_linear_epilogue_matches_the_separate_one(l, d, n_sel, with_bias):
+    """Fused into the Mosaic kernel, the linear branch's epilogue gives the Triton epilogue's output on the kernel's
+    o_sparse: n_sel 1 puts kv and proj_l into the only step's slot, 4 and 7 into the second-to-last step's."""
+    q, k, v = _inputs(n_sel + 7, 2, l, 2, d)
+    lut = _lut_with_last_block(n_sel, 2, 2, -(-l // 128), -(-l // 64), n_sel)
+    w = (0.05 * jax.random.normal(jax.random.key(3), (d, d))).astype(jnp.bfloat16)
+    bias = jnp.linspace(-0.1, 0.1, d).astype(jnp.bfloat16) if with_bias else None
+    kv, k_sum = triton.linear_state(k, v)
+    fused = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=64, linear=(kv, k_sum, w, bias))
+    o_sparse = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=64)
+    separate = triton.linear_epilogue(q, o_sparse, kv, k_sum, w, bias)
+    assert _rel(fused, separate) < 1e-2
+    assert np.isfinite(np.asarray(fused, np.float32)).all()
+
+
+def _check_top_k(scores, n_sel, rows_per_program=1):
+    """The Triton top-k equals sort(lax.top_k) on scores [..., Nk] exactly: same indices, same tie winners."""
+    out = topk.top_k_blocks(scores, n_sel, rows_per_program=rows_per_program, interpret=not ON_GPU)
+    ref = topk.reference_top_k_blocks(scores, n_sel)
+    assert out.dtype == jnp.int32 and out.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+@pytest.mark.parametrize("shape, n_sel, rows_per_program", [
+    ((2, 3, 37), 3, 1),  # Nk not a power of two: 27 padded lanes
+    ((1, 3, 512), 51, 4),  # 3 rows in a 4-row program: one masked row
+    ((2, 1182), 118, 1),  # the 14B model's Nk
+])
+def test_top_k_blocks_matches_lax_top_k(shape, n_sel, rows_per_program):
+    _check_top_k(jax.random.normal(jax.random.key(n_sel), shape), n_sel, rows_per_program)
+
+
+@pytest.mark.parametrize("n_sel", [7, 40])
+def test_top_k_blocks_breaks_ties_like_lax_top_k(n_sel):
+    """lax.top_k keeps the lowest indices among equal scores. Rows of four distinct values make the threshold a big
+    tie group; bf16-rounded normal scores (as the block map makes them) have ties all over."""
+    keys = jax.random.split(jax.random.key(n_sel))
+    few = jax.random.choice(keys[0], jnp.array([-1.0, 0.0, 0.5, 2.0]), (2, 200))
+    rounded = jax.random.normal(keys[1], (2, 200)).astype(jnp.bfloat16).astype(jnp.float32)
+    _check_top_k(jnp.concatenate([few, rounded]), n_sel, rows_per_program=2)
+
+
+def test_top_k_blocks_orders_signed_zeros_infinities_and_nans_like_lax_top_k():
+    """lax.top_k's order is total: -nan < -inf < negatives < -0.0 < 0.0 < positives < inf < nan, so 0.0 beats an
+    earlier -0.0. Rows permute the same specials; n_sel 1, 6 and 11 cut between nan and inf, 0.0 and -0.0, -inf
+    and -nan; 7 cuts through the tied -0.0s."""
+    specials = jnp.array([-jnp.nan, -jnp.inf, -3.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, jnp.inf, jnp.nan, 0.0, -0.0])
+    rows = jnp.stack([jax.random.permutation(jax.random.key(i), specials) for i in range(4)] + [specials])
+    assert jnp.signbit(rows[-1, 0]) and not jnp.signbit(rows[-1, 9])
+    for n_sel in (1, 6, 7, 11):
+        _check_top_k(rows, n_sel, rows_per_program=4)
+
+
+@pytest.mark.parametrize("n_sel", [1, 37])
+def test_top_k_blocks_keeps_one_or_all(n_sel):
+    """n_sel = 1 (the top score, the lowest index of a tied maximum) and n_sel = Nk (every index)."""
+    scores = jnp.round(jax.random.normal(jax.random.key(5), (3, 37)))  # integers: the maximum is often tied
+    _check_top_k(scores, n_sel)
+    with pytest.raises(ValueError, match="n_sel"):
+        topk.top_k_blocks(scores, 38, interpret=True)
+
+
+def test_top_k_blocks_lowers_for_an_h100():
+    """Pallas -> Triton IR for the 14B model's block map ([1, 40, 591, 1182] scores, 118 selected): the scan, the
+    scatter store and the 32-step loop all have Triton lowerings. Compiling the IR to PTX needs the GPU."""
+    text = _abstract_h100_lowering(functools.partial(topk.top_k_blocks, n_sel=118),
+                                   jax.ShapeDtypeStruct((1, 40, 591, 1182), jnp.float32))
+    call = next(line for line in text.splitlines() if "stablehlo.custom_call" in line)
+    assert "xla.gpu.triton" in call and "sla_top_k_blocks" in call and "grid_x = 23640" in call
+
+
+@pytest.mark.parametrize("l, bk, top", [(1000, 64, 0.15), (4104, 128, 0.2)])
+def test_block_map_with_the_top_k_kernel_equals_the_reference(l, bk, top):
+    """The dispatcher's block map with the Triton top-k (compiled on a GPU, interpreted here) selects exactly the
+    reference's blocks; the default implementation on a GPU is the kernel."""
+    q, k, _ = _inputs(31, 2, l, 3, 64)
+    kernel = sla.block_map(q, k, topk=top, block_q=128, block_k=bk, implementation="triton", interpret=not ON_GPU)
+    np.testing.assert_array_equal(kernel, reference.block_map(q, k, topk=top, block_q=128, block_k=bk))
+    with pytest.raises(ValueError, match="block-map implementation"):
+        sla.block_map(q, k, topk=top, block_q=128, block_k=bk, implementation="mosaic")

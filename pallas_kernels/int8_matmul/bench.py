@@ -8,8 +8,8 @@ Rows per (K, N), at M = --tokens (32760: 480p): the XLA bf16 dot (cuBLASLt; the 
 s32 with preferred_element_type=int32: cuBLASLt IMMA, no scales, so the ceiling); our W8A8 linear (activation
 quantisation + block-scaled GEMM + bias) with the Mosaic GPU GEMM (Hopper) and the Pallas-Triton one, each GEMM
 alone, the Triton quantiser alone; the pure-XLA reference W8A8.
-Times are medians of --iters calls after a warm-up; rates count 2 M N K operations. Goals (issue 7): W8A8 >= 1.5x the
-bf16 dot and >= 0.9x the int8 dot.
+Times are per call in steady state (`pallas_kernels.timing.bench`: median of --iters rounds of back-to-back calls);
+rates count 2 M N K operations. Goals (issue 7): W8A8 >= 1.5x the bf16 dot and >= 0.9x the int8 dot.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """SLA sparse-linear attention and SageSLA (its int8/fp8 variant): the pure-jnp references (the semantics), the
 Pallas kernels, and the dispatchers.
 
-Every implementation shares the block map (mean-pool + top-k, XLA). The kernel paths replace the sparse branch
-(where the time goes), compute the linear branch's per-head d x d state in one pass over k, v
-(`triton.linear_state`), and fuse its output, proj_l and the final sum into one more (`triton.linear_epilogue`).
+Every implementation shares the block map: mean-pooled scores in XLA, then the top-k, which on GPUs is a
+Pallas-Triton kernel (`topk.top_k_blocks`: one pass per row instead of XLA's full sort, same indices). The kernel
+paths replace the sparse branch (where the time goes), compute the linear branch's per-head d x d state in one pass over k, v
+(`triton.linear_state`), and fuse its output, proj_l and the final sum into one more (`triton.linear_epilogue`),
+or, with the Mosaic kernel, into the sparse kernel's own epilogue.
 SageSLA quantises q, k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`)
 and runs its sparse branch on those operands.
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.sla import mosaic, reference, sage_mosaic, sage_reference, sage_triton, triton
-from pallas_kernels.sla.reference import block_map, linear_attention, num_selected_blocks, sparse_attention
+from pallas_kernels.sla import topk as _topk  # `topk` is sla_attention's argument
+from pallas_kernels.sla.reference import linear_attention, num_selected_blocks, sparse_attention
 
 IMPLEMENTATIONS = ("reference", "triton", "mosaic")
 SAGE_IMPLEMENTATIONS = ("reference", "triton", "mosaic")
@@ -23,6 +26,19 @@ def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
     """The Triton kernel needs power-of-two tiles of at least 16 (tensor-core dots) and a power-of-two head dim."""
     pow2 = lambda n: n >= 16 and n & (n - 1) == 0
     return pow2(block_q) and pow2(block_k) and pow2(q.shape[-1])
+
+
+def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=None, interpret=False):
+    """Selected key blocks per query block, ascending: int32 [B, H, Nq, k] for q, k [B, L, H, D]; the semantics are
+    `reference.block_map`'s. implementation: None (the Triton top-k kernel on GPUs, else the reference),
+    "reference" (XLA's top_k) or "triton" (interpret=True runs it on the CPU)."""
+    impl = implementation or ("triton" if jax.default_backend() == "gpu" else "reference")
+    if impl == "reference":
+        return reference.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    if impl != "triton":
+        raise ValueError(f"unknown block-map implementation {impl!r}; available: reference, triton")
+    scores = reference.block_scores(q, k, block_q=block_q, block_k=block_k)
+    return _topk.top_k_blocks(scores, num_selected_blocks(topk, scores.shape[-1]), interpret=interpret)
 
 
 def default_implementation(q: jax.Array, block_q: int, block_k: int) -> str:
@@ -56,6 +72,10 @@ def sla_attention(
             raise ValueError(f"the Mosaic SLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, block_q 128 "
                              f"and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, blocks "
                              f"({block_q}, {block_k})")
+        if proj_w is not None and mosaic.fuses_linear(mosaic.MosaicConfig(), block_k, q.shape[-1]):
+            kv, k_sum = triton.linear_state(k, v)
+            return mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k,
+                                           linear=(kv, k_sum, proj_w, proj_b))
         o_sparse = mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
     else:
         return reference.add_linear_branch(sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k),

@@ -10,7 +10,8 @@ and its parts alone (the Mosaic kernel once per --mosaic-blocks-per-step value, 
 Triton kernel's output); SLA with the pure-XLA reference; SageSLA the same way (block map + quantisation of q, k, v
 + int8/fp8 sparse kernel + the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the
 fastest bf16 SLA row's time over the SageSLA row's.
-Times are medians of --iters calls after a warm-up. Inputs: bf16 N(0,1) q, v and keys with a shared mean.
+Times are per call in steady state (`pallas_kernels.timing.bench`: median of --iters rounds of back-to-back
+calls, one synchronisation per round). Inputs: bf16 N(0,1) q, v and keys with a shared mean.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import sla
 from pallas_kernels.sla import mosaic, reference, sage_mosaic, sage_reference, sage_triton, triton
+from pallas_kernels.sla import topk as topk_mod
 from pallas_kernels.timing import bench
 
 SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
@@ -112,12 +114,17 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool,
                                                               compare_to=sparse_outs.get("triton"))
                 rows += variant_rows
             kv, k_sum = jax.jit(reference.linear_state)(k, v)
+            scores = jax.jit(functools.partial(reference.block_scores, block_q=block_q, block_k=block_k))(q, k)
+            n_sel = sla.num_selected_blocks(topk, scores.shape[-1])
             parts = {
-                "block map (XLA)": (jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q,
-                                                              block_k=block_k)), (q, k)),
-                "  of which top-k (XLA)": (jax.jit(lambda s, n=sla.num_selected_blocks(topk, l // block_k):
-                                                   jax.lax.top_k(s, n)),
-                                          (jax.random.normal(jax.random.key(2), (1, h, l // block_q, l // block_k)),)),
+                "block map (top-k kernel)": (jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q,
+                                                                       block_k=block_k)), (q, k)),
+                "block map (XLA top-k)": (jax.jit(functools.partial(reference.block_map, topk=topk, block_q=block_q,
+                                                                    block_k=block_k)), (q, k)),
+                "  top-k alone (XLA, sort of top_k)": (jax.jit(functools.partial(topk_mod.reference_top_k_blocks,
+                                                                                 n_sel=n_sel)), (scores,)),
+                "  top-k alone (Triton kernel)": (jax.jit(functools.partial(topk_mod.top_k_blocks, n_sel=n_sel)),
+                                                  (scores,)),
                 "linear-branch state (XLA)": (jax.jit(reference.linear_state), (k, v)),
                 "linear-branch state (Triton)": (jax.jit(triton.linear_state), (k, v)),
                 "linear output + proj_l + sum (Triton epilogue, 64 rows)": (jax.jit(triton.linear_epilogue),

@@ -68,19 +68,24 @@ def _block_means(x: jax.Array, block: int) -> jax.Array:
     return (sums / counts[:, None].astype(f32)).astype(x.dtype)
 
 
-def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k: int) -> jax.Array:
-    """Selected key blocks per query block, ascending: int32 [B, H, Nq, k] for q, k [B, L, H, D] (acceleration.md 3.1).
-
-    Scores are the bf16 product of pooled q and pooled mean-centred k, with no 1/sqrt(d) scale; which of several
-    equal scores wins is unspecified (the reference's torch.topk does not define it either)."""
+def block_scores(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int) -> jax.Array:
+    """The block map's scores, fp32 [B, H, Nq, Nk] for q, k [B, L, H, D] (acceleration.md 3.1): the product of
+    pooled q and pooled mean-centred k, rounded to q's dtype, with no 1/sqrt(d) scale."""
     qh, kh = _to_heads(q), _to_heads(k)
     k_mean = jnp.mean(kh.astype(f32), axis=2, keepdims=True).astype(kh.dtype)
     pooled_q = _block_means(qh, block_q)
     pooled_k = _block_means(kh - k_mean, block_k)
-    scores = _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(q.dtype)
-    n_sel = num_selected_blocks(topk, pooled_k.shape[2])
+    return _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(q.dtype).astype(f32)
+
+
+def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k: int) -> jax.Array:
+    """Selected key blocks per query block, ascending: int32 [B, H, Nq, k] for q, k [B, L, H, D] (acceleration.md 3.1):
+    the top-k of `block_scores` per query block. Among equal scores the lower block index wins (lax.top_k's rule; the
+    reference's torch.topk leaves it unspecified)."""
+    scores = block_scores(q, k, block_q=block_q, block_k=block_k)
+    n_sel = num_selected_blocks(topk, scores.shape[-1])
     # Ascending block order (the set is what matters): kernels then walk K/V front to back.
-    return jnp.sort(jax.lax.top_k(scores.astype(f32), n_sel)[1].astype(jnp.int32), axis=-1)
+    return jnp.sort(jax.lax.top_k(scores, n_sel)[1].astype(jnp.int32), axis=-1)
 
 
 def sparse_attention(

@@ -126,10 +126,10 @@ def _epilogue_kernel(q_ref, os_ref, kv_ref, ksum_ref, w_ref, b_ref, o_ref, *, se
     pltr.store(o_ref.at[rows, :], (o_sparse.astype(jnp.float32) + proj.astype(jnp.float32)).astype(dt), mask=row_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
 def linear_epilogue(
     q: jax.Array, o_sparse: jax.Array, kv: jax.Array, k_sum: jax.Array, proj_w: jax.Array, proj_b: jax.Array | None,
-    *, block: int = 64, interpret: bool = False,
+    *, block: int = 64, num_warps: int = 4, interpret: bool = False,
 ) -> jax.Array:
     """o_sparse + proj_l(linear_output(q, kv, k_sum)), rounded like `reference.add_linear_branch`.
 
@@ -150,7 +150,7 @@ def linear_epilogue(
         ],
         out_specs=seq,
         out_shape=jax.ShapeDtypeStruct(q.shape, dt),
-        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="sla_linear_epilogue",
     )(q, o_sparse, kv.astype(dt), k_sum.astype(dt), proj_w.astype(dt), proj_b)
@@ -176,8 +176,9 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, *, seq_len, block, chunk):
     ksum_ref[...] = ksum
 
 
-@functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
-def linear_state(k: jax.Array, v: jax.Array, *, block: int = 64, splits: int = 32, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("block", "splits", "num_warps", "interpret"))
+def linear_state(k: jax.Array, v: jax.Array, *, block: int = 64, splits: int = 32, num_warps: int = 4,
+                 interpret: bool = False):
     """`reference.linear_state` in one pass over k and v: (kv [B, H, D, D], k_sum [B, H, D]) in k's dtype.
 
     The token axis is split `splits` ways so that B x H x splits programs fill the GPU; the fp32 partial sums are
@@ -193,7 +194,7 @@ def linear_state(k: jax.Array, v: jax.Array, *, block: int = 64, splits: int = 3
                    pl.BlockSpec((None, None, None, d), lambda s, bi, hi: (s, bi, hi, 0))],
         out_shape=[jax.ShapeDtypeStruct((pl.cdiv(l, chunk), b, h, d, d), jnp.float32),
                    jax.ShapeDtypeStruct((pl.cdiv(l, chunk), b, h, d), jnp.float32)],
-        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="sla_linear_state",
     )(k, v)
