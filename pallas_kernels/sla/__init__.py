@@ -3,11 +3,11 @@ Pallas kernels, and the dispatchers.
 
 Every implementation shares the block map: mean-pooled scores in XLA, then the top-k, which on GPUs is a
 Pallas-Triton kernel (`topk.top_k_blocks`: one pass per row instead of XLA's full sort, same indices). The kernel
-paths replace the sparse branch (where the time goes), compute the linear branch's per-head d x d state in one pass over k, v
-(`triton.linear_state`), and fuse its output, proj_l and the final sum into one more (`triton.linear_epilogue`),
-or, with the Mosaic kernel, into the sparse kernel's own epilogue.
-SageSLA quantises q, k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`)
-and runs its sparse branch on those operands.
+paths replace the sparse branch (where the time goes), compute the linear branch's per-head d x d state in one pass
+over k, v (`triton.linear_state`), and fuse its output, proj_l and the final sum into one more
+(`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q,
+k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`) and runs its sparse
+branch on those operands.
 """
 
 from __future__ import annotations
