@@ -661,3 +661,21 @@ def test_gpu_w8a8_dit_kernels_match_reference_at_real_width(monkeypatch):
     ref = np.asarray(nnx.jit(lambda m, *a: m(*a))(dit, x, t, ctx))
     assert np.isfinite(out).all()
     assert _rel(out, ref) < 3e-2
+
+
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_mosaic_gemm_lowers_for_an_h100(cluster):
+    """Pallas -> Mosaic GPU -> LLVM/NVVM without a GPU (an abstract H100 stands in): with a 2-CTA cluster the ring
+    releases arrive on both CTAs' barriers (mapa + a shared::cluster arrive); an odd row-tile count (M = 300: 3 tiles)
+    falls back to single CTAs."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    cfg = mosaic.MosaicConfig(cluster=cluster)
+    texts = []
+    for m in (32760, 300):
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+            fn = jax.jit(functools.partial(mosaic.int8_block_matmul, config=cfg))
+            texts.append(fn.trace(*_shapes_only(m, 1536, 512)).lower(lowering_platforms=("cuda",)).as_text())
+    assert all("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in t for t in texts)
+    remote_arrive = "mbarrier.arrive.shared::cluster.b64"
+    assert (remote_arrive in texts[0]) == (cluster == 2) == ("mapa.shared::cluster" in texts[0])
+    assert remote_arrive not in texts[1]

@@ -98,10 +98,9 @@ def sweep(m: int, iters: int, impls: list[str]) -> list[dict]:
                        for bm in (64, 128) for bn in (128, 256) for warps in (4, 8) for stages in (3, 4)
                        for i2f in ("bits", "convert")]
     if "mosaic" in impls:
-        candidates += [("mosaic", MosaicConfig(tile_n=tn, max_concurrent_steps=s, group_m=g, int_to_float=i2f,
-                                               overlap=ov))
+        candidates += [("mosaic", MosaicConfig(tile_n=tn, max_concurrent_steps=s, group_m=g, overlap=ov, cluster=c))
                        for tn, ov in ((128, False), (128, True), (256, False)) for s in (4, 5) for g in (8, 16)
-                       for i2f in ("magic", "convert")]
+                       for c in (1, 2)]
     rows = []
     for impl, cfg in candidates:
         fn = jax.jit(functools.partial(int8_matmul.int8_block_matmul, implementation=impl, config=cfg))

@@ -14,6 +14,11 @@ int32 -> fp32 is exact either way (|block sum| <= 2^21): cvt.rn.f32.s32 (the def
 `int_to_float="magic"`: the accumulator starts at the bits of 1.5 * 2^23 (`MAGIC_BITS`), so after the dot its bits
 read as the float 1.5 * 2^23 + sum, and one subtraction recovers the sum (no conversion, but a seeding move).
 Tiles are visited in groups of `group_m` row tiles per column tile, so the x rows of a group stay in L2.
+With `cluster=2` two CTAs of a cluster compute vertically adjacent tiles (rows mi and mi + 1 of one column tile) and
+share each w K-tile: both issue the same TMA copy with `collective_axes="cluster"`, each loads half and multicasts it
+to both, so a CTA moves 16 KB of x + 16 KB of w per K step instead of 16 + 32 KB (128 x 256 tiles). A ring slot is
+then refilled only when the compute warpgroups of both CTAs released it (a cluster barrier), and the memory
+warpgroup waits for the last releases before exiting, so no arrival lands in a finished CTA.
 The epilogue rounds to the output dtype, adds the bias in that dtype (`reference.round_and_add_bias`) and stores by
 TMA, which drops the rows past M (32,760-token activations need no padding; a row count that is not a multiple of 8,
 which TMA cannot describe, is padded to one). K and N must be multiples of 128.
@@ -56,8 +61,11 @@ class MosaicConfig:
     group_m: int = 16
     int_to_float: str = "convert"
     overlap: bool = True
+    cluster: int = 2
 
     def __post_init__(self):
+        if self.cluster not in (1, 2):
+            raise ValueError(f"cluster must be 1 or 2, got {self.cluster}")
         if self.tile_n not in (BLOCK, 2 * BLOCK):
             raise ValueError(f"tile_n must be {BLOCK} or {2 * BLOCK}, got {self.tile_n}")
         if self.int_to_float not in ("magic", "convert"):
@@ -76,10 +84,14 @@ def supports(m: int, k: int, n: int, tile_n: int = BLOCK) -> bool:
         shapes_supported(m, k, n, tile_n)
 
 
-def default_config(n: int) -> MosaicConfig:
-    """The tuned defaults, with 128-column CTA tiles where N is not a multiple of 256."""
+def default_config(k: int, n: int) -> MosaicConfig:
+    """The tuned defaults, with 128-column CTA tiles where N is not a multiple of 256, and without the CTA pair where
+    K is short: on an H100 at M = 32,760 the pair's shared w tile gained 3-8% at K = 5120 and 6% at K = 8960 but lost
+    4% at K = 1536 (and 2% at K = 13,824, within the noise; docs/PERF.md)."""
     config = MosaicConfig()
-    return config if n % config.tile_n == 0 else dataclasses.replace(config, tile_n=BLOCK)
+    if n % config.tile_n:
+        config = dataclasses.replace(config, tile_n=BLOCK)
+    return config if k > 2048 else dataclasses.replace(config, cluster=1)
 
 
 def _tiling(dtype) -> tuple:
@@ -97,13 +109,14 @@ def _grouped_tile(pid, grid_m: int, grid_n: int, group_m: int):
 
 
 def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consumed,
-            *, grid_m, grid_n, k_steps, slots, cfg: MosaicConfig):
+            *, grid_m, grid_n, k_steps, slots, cluster, cfg: MosaicConfig):
     """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt] fp32,
     bias_ref [N] in the output dtype or None, o_ref [M, N]; all in global memory."""
     x_smem, w_smem, out_smem, bias_smem = smem
     x_loaded, w_loaded, bias_loaded = loaded
     n_sub = cfg.tile_n // BLOCK  # 128-column products per K step
-    mi, ni = _grouped_tile(lax.axis_index("tiles"), grid_m, grid_n, cfg.group_m)
+    pair_m, ni = _grouped_tile(lax.axis_index("tiles"), grid_m // cluster, grid_n, max(1, cfg.group_m // cluster))
+    mi = pair_m * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
     wg = lax.axis_index("wg")
     tile_rows, tile_cols = pl.ds(mi * BLOCK, BLOCK), pl.ds(ni * cfg.tile_n, cfg.tile_n)
 
@@ -141,14 +154,21 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             as fp32 [64, 128]."""
             return to_f32(pl.run_state(lambda acc_ref: multiply(acc_ref, slot, j))(plgpu.ACC.init(seeded())))
 
-        def step(t, accs):
+        def raw_scales(t):
+            """K block t's x scale and the n_sub w scales, as loaded from global memory."""
+            t = jnp.minimum(t, k_steps - 1)
+            return (xs_ref[mi, t],) + tuple(ws_ref[ni * n_sub + j, t] for j in range(n_sub))
+
+        def step(t, carry):
+            """The scales of block t + 1 are loaded here and used a step later: a global load's latency would
+            otherwise stall the promotion of every K block."""
+            accs, (sx, *sws) = carry
             slot = lax.rem(t, slots)
-            sx = xs_ref[mi, t]
-            scales = [sx * ws_ref[ni * n_sub + j, t] for j in range(n_sub)]
+            upcoming = raw_scales(t + 1)
             wait_loaded(slot)
             sums = [block_sum(slot, j) for j in range(n_sub)]
             plgpu.barrier_arrive(consumed.at[slot])
-            return tuple(acc + part * scale for acc, part, scale in zip(accs, sums, scales))
+            return tuple(acc + part * (sx * sw) for acc, part, sw in zip(accs, sums, sws)), upcoming
 
         def overlapped(acc):
             """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs while
@@ -188,7 +208,7 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
         if cfg.overlap and n_sub == 1 and k_steps % 2 == 0 and slots >= 2:
             accs = (overlapped(zeros),)
         else:
-            accs = lax.fori_loop(0, k_steps, step, (zeros,) * n_sub)
+            accs, _ = lax.fori_loop(0, k_steps, step, ((zeros,) * n_sub, raw_scales(0)))
         if bias_ref is not None:
             plgpu.barrier_wait(bias_loaded)
         rows = pl.ds(mi * BLOCK + wg * WG_ROWS, WG_ROWS)
@@ -210,7 +230,8 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
         def fetch(t, slot):
             ks = pl.ds(t * BLOCK, BLOCK)
             plgpu.copy_gmem_to_smem(xq_ref.at[tile_rows, ks], x_smem.at[slot], x_loaded.at[slot])
-            plgpu.copy_gmem_to_smem(wq_ref.at[tile_cols, ks], w_smem.at[slot], w_loaded.at[slot])
+            plgpu.copy_gmem_to_smem(wq_ref.at[tile_cols, ks], w_smem.at[slot], w_loaded.at[slot],
+                                    collective_axes="cluster" if cluster > 1 else None)
 
         for t in range(slots):
             fetch(t, t)
@@ -220,6 +241,13 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             slot = lax.rem(t, slots)
             plgpu.barrier_wait(consumed.at[slot])
             fetch(t, slot)
+
+        if cluster > 1:
+            # The last `slots` releases, which also count the other CTA's compute warpgroups: after them no remote
+            # arrival or multicast write can still target this CTA.
+            @pl.loop(k_steps - slots, k_steps)
+            def _quiesce(t):
+                plgpu.barrier_wait(consumed.at[lax.rem(t, slots)])
 
 
 def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
@@ -236,15 +264,16 @@ def int8_block_matmul(
 ) -> jax.Array:
     """`reference.int8_block_matmul` on Hopper: x_q [M, K], x_scale [ceil(M/128), K/128], w_q [N, K], w_scale
     [N/128, K/128] -> [M, N] out_dtype (+ bias [N] after the rounding, in out_dtype). K, N multiples of 128;
-    config None: `default_config(N)`."""
+    config None: `default_config(K, N)`."""
     check_gemm_operands(x_q, x_scale, w_q, w_scale, bias)
     (m, k), n = x_q.shape, w_q.shape[0]
-    config = config or default_config(n)
+    config = config or default_config(k, n)
     if not shapes_supported(m, k, n, config.tile_n):
         raise ValueError(f"the Mosaic W8A8 GEMM needs K a multiple of {BLOCK} and N of tile_n={config.tile_n}; got "
                          f"K={k}, N={n} (use implementation='triton')")
     grid_m, grid_n, k_steps = num_blocks(m), n // config.tile_n, k // BLOCK
     slots = _slots(out_dtype, k_steps, config)
+    cluster = config.cluster if grid_m % config.cluster == 0 else 1
     int8_tile, out_tile = _tiling(jnp.int8), _tiling(out_dtype)
     has_bias = bias is not None
 
@@ -257,9 +286,13 @@ def int8_block_matmul(
             plgpu.SMEM((config.tile_n,), out_dtype),
         )
         loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots), plgpu.Barrier())
-        consumed = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots)
+        if cluster > 1:
+            consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=COMPUTE_WGS,
+                                            num_barriers=slots)
+        else:
+            consumed = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots)
         kernel = functools.partial(_kernel, xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, grid_m=grid_m,
-                                   grid_n=grid_n, k_steps=k_steps, slots=slots, cfg=config)
+                                   grid_n=grid_n, k_steps=k_steps, slots=slots, cluster=cluster, cfg=config)
         pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed, collective_axes="wg")
 
     # TMA needs the row count of a global array to be below 8 or a multiple of 8: pad x_q's rows (never across a
@@ -270,8 +303,9 @@ def int8_block_matmul(
     out = plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
-        grid=(grid_m * grid_n,),
+        grid=(grid_m * grid_n // cluster,),
         grid_names=("tiles",),
+        **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         kernel_name="w8a8_block_gemm_mosaic",  # how profiles (turbojax.bench.profile) tell it from other Mosaic kernels
