@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.int8_matmul.reference import AMAX_FLOOR, BLOCK, num_blocks
-from pallas_kernels.int8_matmul.triton import _and_masks, _check_offsets, _divide, _in_range, _load, _round_half_even
+from pallas_kernels.int8_matmul.triton import _and_masks, _check_offsets, _divide, _in_range, _load, _to_codes
 from pallas_kernels.norms import reference
 
 f32 = jnp.float32
@@ -282,7 +282,7 @@ def _quantize_tile_kernel(x_ref, mean_ref, rstd_ref, shift_ref, scale_ref, flag_
     amax = jnp.maximum(jnp.max(jnp.max(jnp.abs(z), axis=1, keepdims=True), axis=0, keepdims=True),
                        jnp.asarray(AMAX_FLOOR, f32))  # [1, 1]
     inv = _divide(jnp.full_like(amax, 128.0), amax, interpret)
-    q = jnp.clip(_round_half_even(z * inv), -128.0, 127.0).astype(jnp.int8)
+    q = _to_codes(z * inv, interpret)
     pltr.store(q_ref.at[rows, cols], q, mask=mask)
     pltr.store(s_ref.at[pl.ds(i, 1), pl.ds(j, 1)], amax / 128.0)
 

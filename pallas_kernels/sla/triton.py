@@ -126,10 +126,10 @@ def _epilogue_kernel(q_ref, os_ref, kv_ref, ksum_ref, w_ref, b_ref, o_ref, *, se
     pltr.store(o_ref.at[rows, :], (o_sparse.astype(jnp.float32) + proj.astype(jnp.float32)).astype(dt), mask=row_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block", "interpret"))
 def linear_epilogue(
     q: jax.Array, o_sparse: jax.Array, kv: jax.Array, k_sum: jax.Array, proj_w: jax.Array, proj_b: jax.Array | None,
-    *, block: int = 64, num_warps: int = 4, interpret: bool = False,
+    *, block: int = 64, interpret: bool = False,
 ) -> jax.Array:
     """o_sparse + proj_l(linear_output(q, kv, k_sum)), rounded like `reference.add_linear_branch`.
 
@@ -150,7 +150,7 @@ def linear_epilogue(
         ],
         out_specs=seq,
         out_shape=jax.ShapeDtypeStruct(q.shape, dt),
-        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="sla_linear_epilogue",
     )(q, o_sparse, kv.astype(dt), k_sum.astype(dt), proj_w.astype(dt), proj_b)
