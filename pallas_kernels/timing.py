@@ -9,17 +9,19 @@ import time
 import jax
 
 ROUND_MS = 5.0  # shortest round: enough back-to-back calls that one host synchronisation is noise
+MAX_CALLS = 200
 
 
 def bench(fn, *args, iters: int) -> float:
     """Steady-state time in ms per call of fn(*args) (jitted): the median over `iters` rounds of a round's wall time
-    over its call count, each round issuing enough calls back to back (ROUND_MS, at most 20) with one
+    over its call count, each round issuing enough calls back to back (ROUND_MS, at most MAX_CALLS) with one
     synchronisation at its end, after a warm-up. That is the cost inside a model, where the next op is already
-    queued: one host round trip per call (~0.1-0.3 ms) would dominate sub-millisecond ops."""
+    queued: one host round trip per call (~0.1-0.3 ms) would dominate sub-millisecond ops. An op shorter than the
+    host's dispatch of one call (~0.01-0.02 ms) measures the dispatch instead."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    calls = max(1, min(20, math.ceil(ROUND_MS / (1e3 * (time.perf_counter() - t0)))))
+    calls = max(1, min(MAX_CALLS, math.ceil(ROUND_MS / (1e3 * (time.perf_counter() - t0)))))
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()

@@ -263,8 +263,9 @@ def test_mosaic_fused_linear_epilogue_matches_the_separate_one(l, d, n_sel, with
     o_sparse: n_sel 1 puts kv and proj_l into the only step's slot, 4 and 7 into the second-to-last step's."""
     q, k, v = _inputs(n_sel + 7, 2, l, 2, d)
     lut = _lut_with_last_block(n_sel, 2, 2, -(-l // 128), -(-l // 64), n_sel)
-    w = (0.05 * jax.random.normal(jax.random.key(3), (d, d))).astype(jnp.bfloat16)
-    bias = jnp.linspace(-0.1, 0.1, d).astype(jnp.bfloat16) if with_bias else None
+    # proj_l large enough that the linear branch is as large as the sparse one: dropping or mangling it cannot pass.
+    w = (0.5 * jax.random.normal(jax.random.key(3), (d, d))).astype(jnp.bfloat16)
+    bias = jnp.linspace(-1.0, 1.0, d).astype(jnp.bfloat16) if with_bias else None
     kv, k_sum = triton.linear_state(k, v)
     fused = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=64, linear=(kv, k_sum, w, bias))
     o_sparse = mosaic.sparse_attention(q, k, v, lut, block_q=128, block_k=64)

@@ -30,9 +30,10 @@ def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
 
 def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=None, interpret=False):
     """Selected key blocks per query block, ascending: int32 [B, H, Nq, k] for q, k [B, L, H, D]; the semantics are
-    `reference.block_map`'s. implementation: None (the Triton top-k kernel on GPUs, else the reference),
-    "reference" (XLA's top_k) or "triton" (interpret=True runs it on the CPU)."""
-    impl = implementation or ("triton" if jax.default_backend() == "gpu" else "reference")
+    `reference.block_map`'s. implementation: None (the Triton top-k kernel where new work lands on a GPU, else the
+    reference: `jax.default_device(cpu)` on a GPU host picks the reference), "reference" (XLA's top_k) or "triton"
+    (interpret=True runs it on the CPU)."""
+    impl = implementation or ("reference" if reference.runs_on_cpu() else "triton")
     if impl == "reference":
         return reference.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
     if impl != "triton":
@@ -61,7 +62,8 @@ def sla_attention(
     impl = implementation or default_implementation(q, block_q, block_k)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown SLA implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
-    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k,
+                    implementation="reference" if impl == "reference" else None)
     if impl == "triton":
         if not triton_supports(q, block_q, block_k):
             raise ValueError(f"the Triton SLA kernel needs power-of-two block sizes >= 16 and head dim; got "
@@ -118,7 +120,8 @@ def sage_sla_attention(
     Hopper (fp8 tensor cores). interpret=True runs either kernel on the CPU (tests)."""
     impl = implementation or default_sage_implementation(q, block_q, block_k)
     _check_sage_implementation(impl, q, block_q, block_k, interpret)
-    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k,
+                    implementation="reference" if impl == "reference" else None)
     ops = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k)
     if impl == "reference":
         o_sparse = sage_reference.sparse_attention(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype)

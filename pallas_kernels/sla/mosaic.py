@@ -32,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -102,7 +103,7 @@ def _linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_smem):
     phi = (e / rows(e.sum(axis=1))).astype(dt)
     k_sum = plgpu.load(ksum_smem, layout=plgpu.Layout.WGMMA.reduce(0)).astype(f32)
     den = (phi.astype(f32) * cols(k_sum)).astype(dt).astype(f32).sum(axis=1).astype(dt)
-    den = (den.astype(f32) + 1e-5).astype(dt).astype(f32)
+    den = (den.astype(f32) + float(np.asarray(1e-5, dt))).astype(dt).astype(f32)  # + 1e-5 in dt, as in Triton
     o_linear = (product(phi, kv_smem).astype(dt).astype(f32) / rows(den)).astype(dt)
     bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0)).astype(f32)
     proj = (product(o_linear, w_smem.transpose((1, 0))) + cols(bias)).astype(dt)
@@ -224,8 +225,9 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
         fill_kv_ring(fetch(k_ref, k_smem, k_loaded), fetch(v_ref, v_smem, v_loaded), k_consumed, v_consumed,
                      slots=slots, n_steps=n_steps)
         if lin_refs is not None:
-            # The ring loop has seen every release of lin_slot but that of its last step (the second-to-last step,
-            # or the only one): one more wait each, then the slot is free for good.
+            # The ring loop has seen every release of lin_slot but that of its last step (the second-to-last step
+            # with two or more slots; the last one with a single slot, which then overlaps nothing): one more wait
+            # each, then the slot is free for good.
             plgpu.barrier_wait(k_consumed.at[lin_slot])
             plgpu.copy_gmem_to_smem(kv_ref.at[bi, hi], lin_tile(k_smem), lin_loaded)
             plgpu.barrier_wait(v_consumed.at[lin_slot])

@@ -25,7 +25,7 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == f32 else None
 
 
-def _runs_on_cpu() -> bool:
+def runs_on_cpu() -> bool:
     """Whether new computations land on the CPU: the default backend, unless jax.default_device says otherwise."""
     device = jax.config.jax_default_device
     if device is None:
@@ -36,7 +36,7 @@ def _runs_on_cpu() -> bool:
 def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum accumulated in fp32. XLA:CPU has no batched bf16 x bf16 -> fp32 dot, so on the CPU the operands go
     up to fp32 first: products of bf16 values are exact in fp32, so the result is the same."""
-    if _runs_on_cpu():
+    if runs_on_cpu():
         a, b = a.astype(f32), b.astype(f32)
     return jnp.einsum(spec, a, b, preferred_element_type=f32, precision=_precision(a.dtype))
 

@@ -177,12 +177,12 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, *, seq_len, block, chunk):
     ksum_ref[...] = ksum
 
 
-def state_launch(heads: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of `linear_state` for batch x heads (b, h) slices, as measured fastest on an H100
+def state_launch(slices: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of `linear_state` for `slices` = batch x heads, as measured fastest on an H100
     (docs/PERF.md): with 12 slices (1.3B) its 32 x 12 programs fill the GPU better with 8 warps and a 3-deep load
     pipeline (0.166 vs 0.237 ms at L = 32,760); with 40 (14B), 4 warps and 2 stages (0.93 ms at L = 75,600;
     8 warps 1.17 ms)."""
-    return (8, 3) if heads < 32 else (4, 2)
+    return (8, 3) if slices < 32 else (4, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "splits", "num_warps", "num_stages", "interpret"))
