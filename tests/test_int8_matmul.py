@@ -348,16 +348,19 @@ def _shapes_only(m, k, n):
 def test_triton_kernels_lower_to_triton_ir_for_an_h100(config):
     """Both kernels lower (Pallas -> Triton IR, every primitive supported) for an sm90 target at the benchmark's
     largest shapes, without a GPU: an abstract H100 stands in for the device. Compilation itself needs the GPU."""
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
     m, k, n = 32760, 13824, 5120
-    with jax.sharding.use_abstract_mesh(mesh):
-        quant = jax.jit(triton.quantize_blockwise).trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
-        gemm = jax.jit(functools.partial(triton.int8_block_matmul, config=config)).trace(
-            *_shapes_only(m, k, n), bias=jax.ShapeDtypeStruct((n,), jnp.bfloat16))
-        for traced in (quant, gemm):
-            text = traced.lower(lowering_platforms=("cuda",)).as_text()
-            assert "__gpu$xla.gpu.triton" in text
+    quant = _lowered_for_an_h100(triton.quantize_blockwise, jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
+    gemm = _lowered_for_an_h100(lambda *ops, bias: triton.int8_block_matmul(*ops, bias=bias, config=config),
+                                *_shapes_only(m, k, n), bias=jax.ShapeDtypeStruct((n,), jnp.bfloat16))
+    for text in (quant, gemm):
+        assert "__gpu$xla.gpu.triton" in text
+
+
+def _lowered_for_an_h100(fn, *operands, **kw_operands) -> str:
+    """fn jitted and lowered for an sm90 target without a GPU (an abstract H100 stands in for the device)."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        return jax.jit(fn).trace(*operands, **kw_operands).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # --- the DiT with W8A8 block Linears -------------------------------------------------------------------------------
@@ -656,13 +659,8 @@ def test_mosaic_gemm_lowers_for_an_h100(cluster):
     """Pallas -> Mosaic GPU -> LLVM/NVVM without a GPU (an abstract H100 stands in): with a 2-CTA cluster the ring
     releases arrive on both CTAs' barriers (mapa + a shared::cluster arrive); an odd row-tile count (M = 300: 3 tiles)
     falls back to single CTAs."""
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-    cfg = mosaic.MosaicConfig(cluster=cluster)
-    texts = []
-    for m in (32760, 300):
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-            fn = jax.jit(functools.partial(mosaic.int8_block_matmul, config=cfg))
-            texts.append(fn.trace(*_shapes_only(m, 1536, 512)).lower(lowering_platforms=("cuda",)).as_text())
+    gemm = functools.partial(mosaic.int8_block_matmul, config=mosaic.MosaicConfig(cluster=cluster))
+    texts = [_lowered_for_an_h100(gemm, *_shapes_only(m, 1536, 512)) for m in (32760, 300)]
     assert all("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in t for t in texts)
     remote_arrive = "mbarrier.arrive.shared::cluster.b64"
     assert (remote_arrive in texts[0]) == (cluster == 2) == ("mapa.shared::cluster" in texts[0])
