@@ -83,8 +83,12 @@ def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k:
     the top-k of `block_scores` per query block. Among equal scores the lower block index wins (lax.top_k's rule; the
     reference's torch.topk leaves it unspecified)."""
     scores = block_scores(q, k, block_q=block_q, block_k=block_k)
-    n_sel = num_selected_blocks(topk, scores.shape[-1])
-    # Ascending block order (the set is what matters): kernels then walk K/V front to back.
+    return top_k_blocks(scores, num_selected_blocks(topk, scores.shape[-1]))
+
+
+def top_k_blocks(scores: jax.Array, n_sel: int) -> jax.Array:
+    """float32 [..., Nk] -> int32 [..., n_sel]: the indices of the n_sel largest scores (lax.top_k: ties to the lower
+    index), ascending: the set is what matters, and kernels then walk K/V front to back."""
     return jnp.sort(jax.lax.top_k(scores, n_sel)[1].astype(jnp.int32), axis=-1)
 
 
