@@ -224,11 +224,38 @@ def test_mosaic_full_sla_matches_reference():
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_linear_state_matches_reference(dtype, tol):
+def test_key_statistics_match_reference(dtype, tol):
+    """The one pass over k, v gives the linear branch's state and the block map's key mean (exactly: an fp32 sum
+    of 333 rows rounded to k's dtype)."""
     _, k, v = _inputs(17, 2, 333, 3, 64, dtype)
-    kv, k_sum = triton.linear_state(k, v, splits=4, interpret=not ON_GPU)
+    kv, k_sum, k_mean = triton.key_statistics(k, v, rows=96, interpret=not ON_GPU)
     ref_kv, ref_sum = reference.linear_state(k, v)
     assert kv.dtype == dtype and _rel(kv, ref_kv) < tol and _rel(k_sum, ref_sum) < tol
+    np.testing.assert_allclose(np.asarray(k_mean, np.float32), np.asarray(reference.key_mean(k), np.float32),
+                               rtol=1e-6 if dtype == jnp.float32 else 0, atol=0)
+    np.testing.assert_array_equal(triton.linear_state(k, v, rows=96, interpret=not ON_GPU)[0], kv)
+
+
+@pytest.mark.parametrize("l, bq, bk, rows", [(1000, 128, 64, 512), (4104, 64, 128, 512), (150, 16, 16, 64)])
+def test_pooled_blocks_equal_the_reference(l, bq, bk, rows):
+    """The block means of q and of the centred k: bit for bit the reference's, the ragged last blocks included
+    (their means divide by the real row count), whether a program's rows end inside or past the sequence."""
+    q, k, _ = _inputs(33, 2, l, 3, 64)
+    k_mean = reference.key_mean(k)
+    pq, pk = triton.pooled_blocks(q, k, k_mean, block_q=bq, block_k=bk, rows=rows, interpret=not ON_GPU)
+    ref_q, ref_k = reference.pooled_blocks(q, k, k_mean, block_q=bq, block_k=bk)
+    assert pq.shape == (2, 3, -(-l // bq), 64) and pk.shape == (2, 3, -(-l // bk), 64)
+    np.testing.assert_array_equal(np.asarray(pq, np.float32), np.asarray(ref_q, np.float32))
+    np.testing.assert_array_equal(np.asarray(pk, np.float32), np.asarray(ref_k, np.float32))
+
+
+def test_pooled_blocks_need_a_mean_to_centre_on():
+    """The centring is the kernel's: pooling with a zero mean gives the uncentred means, which differ."""
+    q, k, _ = _inputs(34, 1, 256, 2, 64)
+    zero = jnp.zeros((1, 2, 64), k.dtype)
+    _, pk = triton.pooled_blocks(q, k, reference.key_mean(k), block_q=128, block_k=64, interpret=not ON_GPU)
+    _, raw = triton.pooled_blocks(q, k, zero, block_q=128, block_k=64, interpret=not ON_GPU)
+    assert np.abs(np.asarray(pk, np.float32) - np.asarray(raw, np.float32)).max() > 1.0
 
 
 def test_mosaic_kernel_with_the_linear_epilogue_lowers_for_an_h100():

@@ -1,10 +1,11 @@
 """SLA sparse-linear attention and SageSLA (its int8/fp8 variant): the pure-jnp references (the semantics), the
 Pallas kernels, and the dispatchers.
 
-Every implementation shares the block map: mean-pooled scores in XLA, then the top-k, which on GPUs is a
-Pallas-Triton kernel (`topk.top_k_blocks`: one pass per row instead of XLA's full sort, same indices). The kernel
-paths replace the sparse branch (where the time goes), compute the linear branch's per-head d x d state in one pass
-over k, v (`triton.linear_state`), and fuse its output, proj_l and the final sum into one more
+Every implementation shares the block map's semantics: mean-pooled scores, then the top-k. On GPUs the pooling is
+one Pallas-Triton pass over q and k (`triton.pooled_blocks`) and the top-k a Pallas-Triton kernel
+(`topk.top_k_blocks`: one pass per row instead of XLA's full sort, same indices). The kernel paths replace the
+sparse branch (where the time goes), compute the linear branch's per-head d x d state and the block map's key mean
+in one pass over k, v (`triton.key_statistics`), and fuse the linear output, proj_l and the final sum into one more
 (`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q,
 k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`) and runs its sparse
 branch on those operands.
@@ -28,17 +29,21 @@ def triton_supports(q: jax.Array, block_q: int, block_k: int) -> bool:
     return pow2(block_q) and pow2(block_k) and pow2(q.shape[-1])
 
 
-def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=None, interpret=False):
+def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=None, interpret=False, k_mean=None):
     """Selected key blocks per query block, ascending: int32 [B, H, Nq, k] for q, k [B, L, H, D]; the semantics are
-    `reference.block_map`'s. implementation: None (the Triton top-k kernel where new work lands on a GPU, else the
-    reference: `jax.default_device(cpu)` on a GPU host picks the reference), "reference" (XLA's top_k) or "triton"
-    (interpret=True runs it on the CPU)."""
+    `reference.block_map`'s. implementation: None (the Triton kernels where new work lands on a GPU, else the
+    reference: `jax.default_device(cpu)` on a GPU host picks the reference), "reference" (XLA, top_k a sort) or
+    "triton": the block means by one pass over q and k (`triton.pooled_blocks`), their product in XLA, the top-k
+    by `topk.top_k_blocks` (interpret=True runs both kernels on the CPU). k_mean: `reference.key_mean(k)` where the
+    caller has it already (`triton.key_statistics` computes it with the linear branch's state)."""
     impl = implementation or ("reference" if reference.runs_on_cpu() else "triton")
     if impl == "reference":
         return reference.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
     if impl != "triton":
         raise ValueError(f"unknown block-map implementation {impl!r}; available: reference, triton")
-    scores = reference.block_scores(q, k, block_q=block_q, block_k=block_k)
+    k_mean = reference.key_mean(k) if k_mean is None else k_mean
+    scores = reference.pooled_scores(*triton.pooled_blocks(q, k, k_mean, block_q=block_q, block_k=block_k,
+                                                           interpret=interpret))
     return _topk.top_k_blocks(scores, num_selected_blocks(topk, scores.shape[-1]), interpret=interpret)
 
 
@@ -62,35 +67,39 @@ def sla_attention(
     impl = implementation or default_implementation(q, block_q, block_k)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown SLA implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
-    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k,
-                    implementation="reference" if impl == "reference" else None)
-    if impl == "triton":
-        if not triton_supports(q, block_q, block_k):
-            raise ValueError(f"the Triton SLA kernel needs power-of-two block sizes >= 16 and head dim; got "
-                             f"block_q={block_q}, block_k={block_k}, head_dim={q.shape[-1]}")
-        o_sparse = triton.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k, interpret=interpret)
-    elif impl == "mosaic":
-        if not mosaic.supports(q, block_q, block_k):
-            raise ValueError(f"the Mosaic SLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, block_q 128 "
-                             f"and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, blocks "
-                             f"({block_q}, {block_k})")
-        if proj_w is not None and mosaic.fuses_linear(mosaic.MosaicConfig(), block_k, q.shape[-1]):
-            kv, k_sum = triton.linear_state(k, v)
-            return mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k,
-                                           linear=(kv, k_sum, proj_w, proj_b))
+    if impl == "reference":
+        return reference.sla_attention(q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=proj_w,
+                                       proj_b=proj_b)
+    if impl == "triton" and not triton_supports(q, block_q, block_k):
+        raise ValueError(f"the Triton SLA kernel needs power-of-two block sizes >= 16 and head dim; got "
+                         f"block_q={block_q}, block_k={block_k}, head_dim={q.shape[-1]}")
+    if impl == "mosaic" and not mosaic.supports(q, block_q, block_k):
+        raise ValueError(f"the Mosaic SLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, block_q 128 "
+                         f"and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, blocks "
+                         f"({block_q}, {block_k})")
+    stats = _key_statistics(k, v, proj_w, interpret)
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=None if stats is None else stats[2])
+    if impl == "mosaic" and stats is not None and mosaic.fuses_linear(mosaic.MosaicConfig(), block_k, q.shape[-1]):
+        return mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k,
+                                       linear=(stats[0], stats[1], proj_w, proj_b))
+    if impl == "mosaic":
         o_sparse = mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k)
     else:
-        return reference.add_linear_branch(sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k),
-                                           q, k, v, proj_w, proj_b)
-    return _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret)
+        o_sparse = triton.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k, interpret=interpret)
+    return _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret)
 
 
-def _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret):
-    """The kernel paths' o_sparse + proj_l(linear branch): the Triton state pass and fused epilogue."""
-    if proj_w is None:
+def _key_statistics(k, v, proj_w, interpret):
+    """The kernel paths' one pass over all keys (`triton.key_statistics`: kv, k_sum, k_mean) where there is a
+    linear branch, else None (the block map then takes the key mean from XLA)."""
+    return None if proj_w is None else triton.key_statistics(k, v, interpret=interpret)
+
+
+def _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret):
+    """The kernel paths' o_sparse + proj_l(linear branch) by the Triton epilogue, from `_key_statistics`' state."""
+    if stats is None:
         return o_sparse
-    kv, k_sum = triton.linear_state(k, v, interpret=interpret)
-    return triton.linear_epilogue(q, o_sparse, kv, k_sum, proj_w, proj_b, interpret=interpret)
+    return triton.linear_epilogue(q, o_sparse, stats[0], stats[1], proj_w, proj_b, interpret=interpret)
 
 
 def _gpu_has_fp8() -> bool:
@@ -120,15 +129,15 @@ def sage_sla_attention(
     Hopper (fp8 tensor cores). interpret=True runs either kernel on the CPU (tests)."""
     impl = implementation or default_sage_implementation(q, block_q, block_k)
     _check_sage_implementation(impl, q, block_q, block_k, interpret)
-    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k,
-                    implementation="reference" if impl == "reference" else None)
-    ops = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k)
     if impl == "reference":
-        o_sparse = sage_reference.sparse_attention(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype)
-        return reference.add_linear_branch(o_sparse, q, k, v, proj_w, proj_b)
+        return sage_reference.sage_sla_attention(q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=proj_w,
+                                                 proj_b=proj_b)
+    stats = _key_statistics(k, v, proj_w, interpret)
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=None if stats is None else stats[2])
+    ops = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k)
     kernel = sage_triton.sparse_attention if impl == "triton" else sage_mosaic.sparse_attention
     o_sparse = kernel(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype, interpret=interpret)
-    return _add_linear_branch(o_sparse, q, k, v, proj_w, proj_b, interpret)
+    return _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret)
 
 
 def _check_sage_implementation(impl: str, q: jax.Array, block_q: int, block_k: int, interpret: bool) -> None:

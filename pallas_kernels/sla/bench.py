@@ -2,6 +2,7 @@
 
     python -m pallas_kernels.sla.bench            # the table of the SLA / SageSLA issue
     python -m pallas_kernels.sla.bench --sweep    # also a launch-config sweep at H=12, L=32760
+    python -m pallas_kernels.sla.bench --prep-sweep    # launch configs of the key-statistics and pooling passes
     python -m pallas_kernels.sla.bench --mosaic-blocks-per-step 1 2    # the Mosaic kernel alone with each
 
 Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch state
@@ -114,6 +115,7 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool,
                                                               compare_to=sparse_outs.get("triton"))
                 rows += variant_rows
             kv, k_sum = jax.jit(reference.linear_state)(k, v)
+            k_mean = jax.jit(reference.key_mean)(k)
             scores = jax.jit(functools.partial(reference.block_scores, block_q=block_q, block_k=block_k))(q, k)
             n_sel = sla.num_selected_blocks(topk, scores.shape[-1])
             parts = {
@@ -125,8 +127,13 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool,
                     jax.jit(functools.partial(reference.top_k_blocks, n_sel=n_sel)), (scores,)),
                 "  top-k alone (Triton kernel)": (jax.jit(functools.partial(topk_mod.top_k_blocks, n_sel=n_sel)),
                                                   (scores,)),
+                "  pooled blocks alone (XLA, key mean included)": (jax.jit(functools.partial(
+                    lambda q, k, **kw: reference.pooled_blocks(q, k, reference.key_mean(k), **kw),
+                    block_q=block_q, block_k=block_k)), (q, k)),
+                "  pooled blocks alone (Triton, given the key mean)": (jax.jit(functools.partial(
+                    triton.pooled_blocks, block_q=block_q, block_k=block_k)), (q, k, k_mean)),
                 "linear-branch state (XLA)": (jax.jit(reference.linear_state), (k, v)),
-                "linear-branch state (Triton)": (jax.jit(triton.linear_state), (k, v)),
+                "linear-branch state + key mean (Triton key_statistics)": (jax.jit(triton.key_statistics), (k, v)),
                 "linear output + proj_l + sum (Triton epilogue, 64 rows)": (jax.jit(triton.linear_epilogue),
                                                                             (q, q, kv, k_sum, w, b)),
                 "linear output + proj_l + sum (Triton epilogue, 128 rows)": (
@@ -217,12 +224,33 @@ def sweep(iters: int, mosaic_blocks_per_step=DEFAULT_BLOCKS_PER_STEP) -> list[di
     return rows
 
 
+def prep_sweep(iters: int) -> list[dict]:
+    """Launch configurations of the passes before the sparse kernel: `triton.key_statistics` (rows per step and per
+    program, warps, pipeline stages) and `triton.pooled_blocks` (rows per program, warps) at each benchmark shape."""
+    rows = []
+    for h, l in SHAPES:
+        q, k, v, _, _ = inputs(h, l)
+        k_mean = reference.key_mean(k)
+        candidates = [("key_statistics", dict(block=bl, rows=r, num_warps=w, num_stages=st), (k, v))
+                      for bl in (32, 64) for r in (768, 1536, 3072) for w in (4, 8) for st in (2, 3)]
+        candidates += [("pooled_blocks", dict(block_q=128, block_k=64, rows=r, num_warps=w), (q, k, k_mean))
+                       for r in (128, 256, 512, 1024) for w in (2, 4, 8)]
+        for name, kw, args in candidates:
+            ms = bench_or_report(f"{name} {kw}", jax.jit(functools.partial(getattr(triton, name), **kw)), *args,
+                                 iters=iters)
+            rows.append(dict(heads=h, tokens=l, kernel=name, config=kw, ms=float("nan") if ms is None else ms))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--block-q", type=int, default=128)
     p.add_argument("--block-k", type=int, default=64)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--prep-sweep", action="store_true", help="sweep the key-statistics and pooling passes' launches "
+                                                             "instead of printing the table")
     p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA and SageSLA rows")
     p.add_argument("--mosaic-blocks-per-step", type=int, nargs="+", choices=(1, 2),
                    default=list(DEFAULT_BLOCKS_PER_STEP),
@@ -231,6 +259,12 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    if args.prep_sweep:
+        rows = prep_sweep(args.iters)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"prep_sweep": rows}, f, indent=2)
+        return 0
     out = {"sweep": sweep(args.iters, args.mosaic_blocks_per_step)} if args.sweep else {}
     out["table"] = table(args.iters, args.block_q, args.block_k, not args.no_reference, args.mosaic_blocks_per_step)
     print("\n| heads | tokens | topk | path | ms | vs cuDNN | vs bf16 SLA | rel. diff vs reference or cos-sim vs SLA |")

@@ -68,14 +68,28 @@ def _block_means(x: jax.Array, block: int) -> jax.Array:
     return (sums / counts[:, None].astype(f32)).astype(x.dtype)
 
 
+def key_mean(k: jax.Array) -> jax.Array:
+    """The mean of k [B, L, H, D] over its L tokens, [B, H, D]: an fp32 mean rounded to k's dtype."""
+    return jnp.mean(k.astype(f32), axis=1).astype(k.dtype)
+
+
+def pooled_blocks(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int, block_k: int):
+    """The block map's pooled operands for q, k [B, L, H, D] and k_mean = key_mean(k): the block means of q, [B, H,
+    Nq, D], and of the mean-centred k - k_mean (rounded to k's dtype first), [B, H, Nk, D]."""
+    kh = _to_heads(k) - k_mean[:, :, None].astype(k.dtype)
+    return _block_means(_to_heads(q), block_q), _block_means(kh, block_k)
+
+
+def pooled_scores(pooled_q: jax.Array, pooled_k: jax.Array) -> jax.Array:
+    """fp32 [B, H, Nq, Nk]: pooled_q [B, H, Nq, D] . pooled_k [B, H, Nk, D], rounded to their dtype, with no
+    1/sqrt(d) scale."""
+    return _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(pooled_q.dtype).astype(f32)
+
+
 def block_scores(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int) -> jax.Array:
     """The block map's scores, fp32 [B, H, Nq, Nk] for q, k [B, L, H, D] (acceleration.md 3.1): the product of
     pooled q and pooled mean-centred k, rounded to q's dtype, with no 1/sqrt(d) scale."""
-    qh, kh = _to_heads(q), _to_heads(k)
-    k_mean = jnp.mean(kh.astype(f32), axis=2, keepdims=True).astype(kh.dtype)
-    pooled_q = _block_means(qh, block_q)
-    pooled_k = _block_means(kh - k_mean, block_k)
-    return _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(q.dtype).astype(f32)
+    return pooled_scores(*pooled_blocks(q, k, key_mean(k), block_q=block_q, block_k=block_k))
 
 
 def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k: int) -> jax.Array:

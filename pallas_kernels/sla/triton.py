@@ -156,13 +156,14 @@ def linear_epilogue(
     )(q, o_sparse, kv.astype(dt), k_sum.astype(dt), proj_w.astype(dt), proj_b)
 
 
-def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, *, seq_len, block, chunk):
-    """Partial sums over rows [s * chunk, (s + 1) * chunk) of this (batch, head): kv_ref [D, D], ksum_ref [D] fp32."""
+def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, *, seq_len, block, chunk):
+    """Partial sums over rows [s * chunk, (s + 1) * chunk) of this (batch, head): kv_ref [D, D], ksum_ref [D] (phi(k)
+    summed) and kcol_ref [D] (k summed, for the block map's key mean), fp32."""
     start = pl.program_id(0) * chunk
     d = k_ref.shape[-1]
 
     def body(i, carry):
-        kv, ksum = carry
+        kv, ksum, kcol = carry
         rows = pl.ds(start + i * block, block)
         row_ok = (start + i * block + jnp.arange(block) < seq_len)[:, None]
         k = pltr.load(k_ref.at[rows, :], mask=row_ok, other=0.0).astype(jnp.float32)
@@ -170,43 +171,108 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, *, seq_len, block, chunk):
         # One reciprocal per row, not a division per element (its bf16 phi came out identical on an H100).
         phi = jnp.where(row_ok, e * (1.0 / jnp.sum(e, axis=1, keepdims=True)), 0.0).astype(v_ref.dtype)
         v = pltr.load(v_ref.at[rows, :], mask=row_ok, other=0.0)
-        return kv + _dot(phi, v, trans_a=True), ksum + jnp.sum(phi.astype(jnp.float32), axis=0)
+        return (kv + _dot(phi, v, trans_a=True), ksum + jnp.sum(phi.astype(jnp.float32), axis=0),
+                kcol + jnp.sum(k, axis=0))
 
-    kv, ksum = jax.lax.fori_loop(0, chunk // block, body, (jnp.zeros((d, d), jnp.float32), jnp.zeros((d,), jnp.float32)))
+    zeros = jnp.zeros((d,), jnp.float32)
+    kv, ksum, kcol = jax.lax.fori_loop(0, chunk // block, body, (jnp.zeros((d, d), jnp.float32), zeros, zeros))
     kv_ref[...] = kv
     ksum_ref[...] = ksum
+    kcol_ref[...] = kcol
 
 
-def state_launch(slices: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of `linear_state` for `slices` = batch x heads, as measured fastest on an H100
-    (docs/PERF.md): with 12 slices (1.3B) its 32 x 12 programs fill the GPU better with 8 warps and a 3-deep load
-    pipeline (0.166 vs 0.237 ms at L = 32,760); with 40 (14B), 4 warps and 2 stages (0.93 ms at L = 75,600;
-    8 warps 1.17 ms)."""
-    return (8, 3) if slices < 32 else (4, 2)
+@functools.partial(jax.jit, static_argnames=("block", "rows", "num_warps", "num_stages", "interpret"))
+def key_statistics(k: jax.Array, v: jax.Array, *, block: int = 32, rows: int = 1536, num_warps: int = 4,
+                   num_stages: int = 3, interpret: bool = False):
+    """One pass over k and v [B, L, H, D] for everything SLA needs of all the keys: the linear branch's state
+    (`reference.linear_state`: kv [B, H, D, D], k_sum [B, H, D]) and the block map's key mean
+    (`reference.key_mean`, [B, H, D]), all in k's dtype.
 
-
-@functools.partial(jax.jit, static_argnames=("block", "splits", "num_warps", "num_stages", "interpret"))
-def linear_state(k: jax.Array, v: jax.Array, *, block: int = 64, splits: int = 32, num_warps: int | None = None,
-                 num_stages: int | None = None, interpret: bool = False):
-    """`reference.linear_state` in one pass over k and v: (kv [B, H, D, D], k_sum [B, H, D]) in k's dtype.
-
-    The token axis is split `splits` ways so that B x H x splits programs fill the GPU; the fp32 partial sums are
-    added in XLA and rounded once, like the reference's fp32-accumulated product. num_warps/num_stages None:
-    `state_launch(B * H)`."""
+    Each program sums about `rows` tokens of one (batch, head), `block` at a time; the fp32 partial sums are added in
+    XLA and rounded once, like the reference's fp32-accumulated product. The defaults measured fastest on an H100
+    (docs/PERF.md): the [D, D] fp32 accumulator leaves room for one program per SM, so short `block`s keep the
+    rest of the registers free and ~1,500-row programs (22 per head at L = 32,760) balance the SMs: 0.150 ms at
+    H = 12, L = 32,760 (64-row blocks, 8 warps, 32 programs per head: 0.189 ms)."""
     b, l, h, d = k.shape
-    warps, stages = state_launch(b * h)
-    chunk = pl.cdiv(pl.cdiv(l, splits), block) * block
+    chunk = pl.cdiv(min(rows, l), block) * block
+    n = pl.cdiv(l, chunk)
     seq = pl.BlockSpec((None, l, None, d), lambda s, bi, hi: (bi, 0, hi, 0))
-    kv, ksum = pl.pallas_call(
+    vec = pl.BlockSpec((None, None, None, d), lambda s, bi, hi: (s, bi, hi, 0))
+    kv, ksum, kcol = pl.pallas_call(
         functools.partial(_state_kernel, seq_len=l, block=block, chunk=chunk),
-        grid=(pl.cdiv(l, chunk), b, h),
+        grid=(n, b, h),
         in_specs=[seq, seq],
-        out_specs=[pl.BlockSpec((None, None, None, d, d), lambda s, bi, hi: (s, bi, hi, 0, 0)),
-                   pl.BlockSpec((None, None, None, d), lambda s, bi, hi: (s, bi, hi, 0))],
-        out_shape=[jax.ShapeDtypeStruct((pl.cdiv(l, chunk), b, h, d, d), jnp.float32),
-                   jax.ShapeDtypeStruct((pl.cdiv(l, chunk), b, h, d), jnp.float32)],
-        compiler_params=pltr.CompilerParams(num_warps=num_warps or warps, num_stages=num_stages or stages),
+        out_specs=[pl.BlockSpec((None, None, None, d, d), lambda s, bi, hi: (s, bi, hi, 0, 0)), vec, vec],
+        out_shape=[jax.ShapeDtypeStruct((n, b, h, d, d), jnp.float32),
+                   jax.ShapeDtypeStruct((n, b, h, d), jnp.float32), jax.ShapeDtypeStruct((n, b, h, d), jnp.float32)],
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sla_linear_state",
     )(k, v)
-    return kv.sum(axis=0).astype(k.dtype), ksum.sum(axis=0).astype(k.dtype)
+    return kv.sum(axis=0).astype(k.dtype), ksum.sum(axis=0).astype(k.dtype), (kcol.sum(axis=0) / l).astype(k.dtype)
+
+
+def linear_state(k: jax.Array, v: jax.Array, **launch):
+    """`reference.linear_state` by `key_statistics`' pass: (kv [B, H, D, D], k_sum [B, H, D]) in k's dtype."""
+    kv, k_sum, _ = key_statistics(k, v, **launch)
+    return kv, k_sum
+
+
+def _round_like(x: jax.Array, dtype) -> jax.Array:
+    """fp32 x rounded to `dtype` (nearest, ties to even), kept in fp32. bf16 goes by integer ops on the bits: XLA
+    (the CPU interpreter's compiler) folds an astype round trip away as excess precision, a GPU build would not,
+    and both must round like the reference."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return x.astype(dtype).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return jax.lax.bitcast_convert_type(bits & -65536, jnp.float32)
+
+
+def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, block_k, chunk):
+    """Block means over rows [s * chunk, (s + 1) * chunk) of this (batch, head): q_ref, k_ref [L, D]; kmean_ref [D];
+    pq_ref [Nq, D] and pk_ref [Nk, D] take the means of q's and of (k - k_mean)'s blocks, like
+    `reference.pooled_blocks`: the centred keys rounded to k's dtype, sums in fp32, divided by the real row count."""
+    start = pl.program_id(0) * chunk
+    d = q_ref.shape[-1]
+
+    def pool(x_ref, out_ref, block, center):
+        for j in range(chunk // block):
+            row0 = start + j * block
+            ok = (row0 + jnp.arange(block) < seq_len)[:, None]
+            x = pltr.load(x_ref.at[pl.ds(row0, block), :], mask=ok, other=0.0)
+            x = x.astype(jnp.float32)
+            if center is not None:
+                x = _round_like(x - center.astype(jnp.float32)[None, :], k_ref.dtype)
+            total = jnp.sum(jnp.where(ok, x, 0.0), axis=0, keepdims=True)
+            count = jnp.clip(seq_len - row0, 1, block).astype(jnp.float32)  # 1 past the end: not stored
+            blk = row0 // block
+            pltr.store(out_ref.at[pl.ds(blk, 1), :], (total / count).astype(out_ref.dtype),
+                       mask=jnp.full((1, d), blk * block < seq_len))
+
+    pool(q_ref, pq_ref, block_q, None)
+    pool(k_ref, pk_ref, block_k, kmean_ref[...])
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "rows", "num_warps", "interpret"))
+def pooled_blocks(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int, block_k: int, rows: int = 256,
+                  num_warps: int = 4, interpret: bool = False):
+    """`reference.pooled_blocks` in one pass over q and k [B, L, H, D] (k_mean [B, H, D]): (pooled q [B, H, Nq, D],
+    pooled centred k [B, H, Nk, D]) in q's dtype. Each program pools about `rows` rows of one (batch, head): the
+    nearest multiple of both block sizes at or above it. The defaults measured fastest on an H100 at every benchmark
+    shape, or within 5% (docs/PERF.md): 0.086 ms at H = 12, L = 32,760, where XLA takes ~0.11 ms."""
+    b, l, h, d = q.shape
+    chunk = pl.cdiv(rows, math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
+    nq, nk = pl.cdiv(l, block_q), pl.cdiv(l, block_k)
+    seq = pl.BlockSpec((None, l, None, d), lambda s, bi, hi: (bi, 0, hi, 0))
+    pooled = lambda n: pl.BlockSpec((None, None, n, d), lambda s, bi, hi: (bi, hi, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_pool_kernel, seq_len=l, block_q=block_q, block_k=block_k, chunk=chunk),
+        grid=(pl.cdiv(l, chunk), b, h),
+        in_specs=[seq, seq, pl.BlockSpec((None, None, d), lambda s, bi, hi: (bi, hi, 0))],
+        out_specs=[pooled(nq), pooled(nk)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nq, d), q.dtype), jax.ShapeDtypeStruct((b, h, nk, d), k.dtype)],
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sla_pool_blocks",
+    )(q, k, k_mean.astype(k.dtype))
