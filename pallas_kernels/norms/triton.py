@@ -5,7 +5,7 @@ Rows are read at a power-of-two width W >= C (Triton blocks are powers of two; C
 masked load, so padded columns read zero: they add nothing to the sums, are zeroed before the variance, and are never
 stored. Sums divide by the real C with the IEEE division (`int8_matmul.triton._divide`: Triton's own fp32 `/` is
 approximate on the GPU). Where the reference rounds an intermediate (`reference.py`), the kernel rounds it too
-(`_round_to`), and everything else stays fp32 until the single store.
+(`rounding.round_to`), and everything else stays fp32 until the single store.
 
   layer_norm        norm1/norm2 + modulation (per-sample rows of shift and scale) or norm3 (per-channel affine);
                     grid (B, L / rows), so a program's rows share one sample's modulation row.
@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels.int8_matmul.reference import AMAX_FLOOR, BLOCK, num_blocks
 from pallas_kernels.int8_matmul.triton import _and_masks, _check_offsets, _divide, _in_range, _load, _to_codes
 from pallas_kernels.norms import reference
+from pallas_kernels.rounding import round_to
 
 f32 = jnp.float32
 
@@ -67,17 +68,6 @@ class NormConfig:
         width = _pow2_at_least(c)
         rows = self.block_rows or max(1, 4096 // width)
         return rows, self.num_warps or (8 if rows * width >= 4096 else 4)
-
-
-def _round_to(v: jax.Array, dtype, interpret: bool) -> jax.Array:
-    """v (fp32) rounded to dtype, back in fp32. In the interpreter XLA runs the kernel and may drop an fp32 -> bf16
-    -> fp32 round trip (xla_allow_excess_precision); reduce_precision cannot be dropped. Triton keeps both casts."""
-    if dtype is None or jnp.dtype(dtype) == f32:
-        return v
-    if interpret:
-        info = jnp.finfo(dtype)
-        return jax.lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return v.astype(dtype).astype(f32)
 
 
 def _mean(total: jax.Array, c: int, interpret: bool) -> jax.Array:
@@ -114,7 +104,7 @@ def _round_normed(y, normed_dtype, flag, interpret: bool):
     """The normalised y [rows, cols] rounded to normed_dtype where flag (a bool or a traced bool) holds."""
     if normed_dtype is None or flag is False:
         return y
-    rounded = _round_to(y, normed_dtype, interpret)
+    rounded = round_to(y, normed_dtype, interpret)
     return rounded if flag is True else jnp.where(flag, rounded, y)
 
 
@@ -203,10 +193,10 @@ def _rms_kernel(x_ref, w_ref, cos_ref, sin_ref, o_ref, *, c, width, rows, l, eps
     b, i = pl.program_id(0), pl.program_id(1)
     x, row_ok, col_ok, mask, view = _row_block(x_ref, b, i, rows=rows, width=width, l=l, c=c)
     y = x * jax.lax.rsqrt(_mean(jnp.sum(x * x, axis=1), c, interpret) + eps)[:, None]
-    y = _round_to(y, round_before_weight, interpret)
+    y = round_to(y, round_before_weight, interpret)
     y = y * _load(w_ref.at[pl.ds(0, width)], col_ok, 0.0).astype(f32)[None, :]
     if cos_ref is not None:
-        y = _round_to(y, norm_dtype, interpret)
+        y = round_to(y, norm_dtype, interpret)
         half = head_dim // 2
         table = (pl.ds(i * rows, rows), pl.ds(0, half))
         tmask = None if row_ok is None else row_ok[:, None]
@@ -276,7 +266,7 @@ def _quantize_tile_kernel(x_ref, mean_ref, rstd_ref, shift_ref, scale_ref, flag_
         shift = _load(shift_ref.at[s, cols], col_ok, 0.0)[None, :]
         return jnp.where(sample == s, y * (1.0 + scale) + shift, z)
 
-    z = _round_to(jax.lax.fori_loop(first, last + 1, modulate, jnp.zeros_like(y)), out_dtype, interpret)
+    z = round_to(jax.lax.fori_loop(first, last + 1, modulate, jnp.zeros_like(y)), out_dtype, interpret)
     if mask is not None:
         z = jnp.where(mask, z, 0.0)  # a partial tile's missing elements count as 0 in amax, as in the quantiser
     amax = jnp.maximum(jnp.max(jnp.max(jnp.abs(z), axis=1, keepdims=True), axis=0, keepdims=True),
@@ -344,7 +334,7 @@ def _vae_norm_kernel(prefix_ref, x_ref, g_ref, bias_ref, o_ref, *, p, n, c, widt
         v = _load(x_ref.at[(b, jnp.maximum(f - p, 0), *block)], mask, 0.0).astype(f32)
         if bias_ref is None:
             return v
-        return _round_to(v + _load(bias_ref.at[pl.ds(0, width)], col_ok, 0.0).astype(f32)[None, :], x_dtype,
+        return round_to(v + _load(bias_ref.at[pl.ds(0, width)], col_ok, 0.0).astype(f32)[None, :], x_dtype,
                          interpret)
 
     def from_prefix():

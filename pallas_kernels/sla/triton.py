@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.rounding import round_to
+
 LOG2E = math.log2(math.e)
 
 
@@ -218,18 +220,7 @@ def linear_state(k: jax.Array, v: jax.Array, **launch):
     return kv, k_sum
 
 
-def _round_like(x: jax.Array, dtype) -> jax.Array:
-    """fp32 x rounded to `dtype` (nearest, ties to even), kept in fp32. bf16 goes by integer ops on the bits: XLA
-    (the CPU interpreter's compiler) folds an astype round trip away as excess precision, a GPU build would not,
-    and both must round like the reference."""
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return x.astype(dtype).astype(jnp.float32)
-    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return jax.lax.bitcast_convert_type(bits & -65536, jnp.float32)
-
-
-def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, block_k, chunk):
+def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, block_k, chunk, interpret):
     """Block means over rows [s * chunk, (s + 1) * chunk) of this (batch, head): q_ref, k_ref [L, D]; kmean_ref [D];
     pq_ref [Nq, D] and pk_ref [Nk, D] take the means of q's and of (k - k_mean)'s blocks, like
     `reference.pooled_blocks`: the centred keys rounded to k's dtype, sums in fp32, divided by the real row count."""
@@ -243,7 +234,7 @@ def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, b
             x = pltr.load(x_ref.at[pl.ds(row0, block), :], mask=ok, other=0.0)
             x = x.astype(jnp.float32)
             if center is not None:
-                x = _round_like(x - center.astype(jnp.float32)[None, :], k_ref.dtype)
+                x = round_to(x - center.astype(jnp.float32)[None, :], k_ref.dtype, interpret)
             total = jnp.sum(jnp.where(ok, x, 0.0), axis=0, keepdims=True)
             count = jnp.clip(seq_len - row0, 1, block).astype(jnp.float32)  # 1 past the end: not stored
             blk = row0 // block
@@ -267,7 +258,8 @@ def pooled_blocks(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int
     seq = pl.BlockSpec((None, l, None, d), lambda s, bi, hi: (bi, 0, hi, 0))
     pooled = lambda n: pl.BlockSpec((None, None, n, d), lambda s, bi, hi: (bi, hi, 0, 0))
     return pl.pallas_call(
-        functools.partial(_pool_kernel, seq_len=l, block_q=block_q, block_k=block_k, chunk=chunk),
+        functools.partial(_pool_kernel, seq_len=l, block_q=block_q, block_k=block_k, chunk=chunk,
+                          interpret=interpret),
         grid=(pl.cdiv(l, chunk), b, h),
         in_specs=[seq, seq, pl.BlockSpec((None, None, d), lambda s, bi, hi: (bi, hi, 0))],
         out_specs=[pooled(nq), pooled(nk)],
