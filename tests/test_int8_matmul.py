@@ -110,6 +110,43 @@ def test_quantizer_is_bit_exact(impl, m, k):
     np.testing.assert_array_equal(np.asarray(s), want_s)
 
 
+def np_gelu_tanh(x) -> np.ndarray:
+    """GELU with the tanh approximation in float32, rounded to x's dtype (the FFN's activation)."""
+    x32 = np.asarray(x).astype(np.float32)
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    y = np.float32(0.5) * x32 * (np.float32(1.0) + np.tanh(c * (x32 + np.float32(0.044715) * x32 ** 3)))
+    return np.asarray(jnp.asarray(y).astype(x.dtype))
+
+
+def _check_near_codes(q, s, want_q, want_s):
+    """Codes from two tanh implementations (ulp apart): a bf16 GELU value may round the other way, moving its code
+    or its tile's amax by one step; everything else is equal."""
+    q, want_q = np.asarray(q, np.int32), np.asarray(want_q, np.int32)
+    assert np.abs(q - want_q).max() <= 1 and (q != want_q).mean() < 1e-3
+    np.testing.assert_allclose(np.asarray(s), want_s, rtol=1e-2)
+    assert (np.asarray(s) != want_s).mean() < 0.05
+
+
+@pytest.mark.parametrize("m, k", [(300, 260), (128, 1536)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quantizer_with_gelu_quantises_the_activated_input(impl, m, k):
+    """activation="gelu_tanh" quantises GELU(x) rounded to x's dtype, in the quantiser's one pass: on the CPU bit
+    for bit the quantiser of the materialised activation (the reference's and the interpreted kernel's), and near
+    a numpy GELU's (another tanh); the activation is not a no-op."""
+    x = (jnp.asarray(np.random.default_rng(m + k).standard_normal((m, k)) * 3.0)).astype(jnp.bfloat16)
+    q, s = int8_matmul.quantize_blockwise(x, activation="gelu_tanh", implementation=impl, interpret=not ON_GPU)
+    want_q, want_s = reference.quantize_blockwise(reference.activate(x, "gelu_tanh"))
+    if ON_GPU:
+        _check_near_codes(q, s, want_q, want_s)
+    else:
+        np.testing.assert_array_equal(np.asarray(q), np.asarray(want_q))
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(want_s))
+    _check_near_codes(q, s, *np_quantize(np_gelu_tanh(x)))
+    assert (np.asarray(q) != np_quantize(x)[0]).mean() > 0.3
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        int8_matmul.quantize_blockwise(x, activation="relu", implementation=impl, interpret=True)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_quantizer_fp16_input(impl):
     x = _tiles_of_many_scales(5, 200, 130, jnp.float16)
@@ -350,9 +387,11 @@ def test_triton_kernels_lower_to_triton_ir_for_an_h100(config):
     largest shapes, without a GPU: an abstract H100 stands in for the device. Compilation itself needs the GPU."""
     m, k, n = 32760, 13824, 5120
     quant = _lowered_for_an_h100(triton.quantize_blockwise, jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
+    gelu_quant = _lowered_for_an_h100(functools.partial(triton.quantize_blockwise, activation="gelu_tanh"),
+                                      jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
     gemm = _lowered_for_an_h100(lambda *ops, bias: triton.int8_block_matmul(*ops, bias=bias, config=config),
                                 *_shapes_only(m, k, n), bias=jax.ShapeDtypeStruct((n,), jnp.bfloat16))
-    for text in (quant, gemm):
+    for text in (quant, gelu_quant, gemm):
         assert "__gpu$xla.gpu.triton" in text
 
 
@@ -387,12 +426,17 @@ def _tile_ids(m: int, k: int) -> jax.Array:
     return (jnp.arange(m)[:, None] // 128) * (-(-k // 128)) + jnp.arange(k)[None, :] // 128
 
 
-def _fake_quant_linear(x, w_q, w_scale, bias, *, round_fn=jnp.round, divisor=128.0, per="tile", wrap=False):
+def _fake_quant_linear(x, w_q, w_scale, bias, *, activation=None, round_fn=jnp.round, divisor=128.0, per="tile",
+                       wrap=False):
     """W8A8 written as fake quantisation, independently of the implementation: x's 128 x 128 tile amax by segment
     max over element tile ids, dequantised x and w multiplied in fp32, then bf16 rounding and the bf16 bias add.
     The keyword arguments make the wrong variants the DiT test must tell apart."""
+    if activation == "gelu_tanh":
+        x32 = x.astype(jnp.float32)
+        c = jnp.float32(np.sqrt(2.0 / np.pi))
+        x = (0.5 * x32 * (1.0 + jnp.tanh(c * (x32 + jnp.float32(0.044715) * x32 * x32 * x32)))).astype(x.dtype)
     k, n = x.shape[-1], w_q.shape[0]
-    x2 = x.reshape(-1, k).astype(jnp.float32)
+    x2 = reference.exact_f32(x.reshape(-1, k))  # keeps the activation's rounding to x's dtype under jit
     ids = _tile_ids(*x2.shape) if per == "tile" else jnp.zeros(x2.shape, jnp.int32)
     if per == "token":
         ids = jnp.broadcast_to(jnp.arange(x2.shape[0])[:, None], x2.shape)
@@ -421,12 +465,29 @@ def test_w8a8_dit_matches_an_independent_transcription(converted, monkeypatch):
     """The -quant DiT with W8A8 block Linears equals the same network with the test's fake-quantisation linear
     patched in, and each wrong variant of the quantiser lands outside the tolerance."""
     out = _forward(converted["quant"])
+    monkeypatch.setattr(wan_dit, "_shared_input_linears", _one_quantisation_per_linear)
     monkeypatch.setattr(wan_dit.int8_matmul, "int8_linear", _fake_quant_linear)
     want = _forward(converted["quant"])
     assert _rel(out, want) <= TRANSCRIPTION_TOL
     for name, kw in WRONG_VARIANTS.items():
         monkeypatch.setattr(wan_dit.int8_matmul, "int8_linear", functools.partial(_fake_quant_linear, **kw))
         assert _rel(_forward(converted["quant"]), out) > 5 * TRANSCRIPTION_TOL, name
+
+
+def _one_quantisation_per_linear(linears, x, out_dtype):
+    return [lin(x, out_dtype) for lin in linears]
+
+
+def test_w8a8_dit_quantises_the_shared_qkv_input_once(converted, monkeypatch):
+    """q, k and v take one set of activation codes: the same output, bit for bit, as quantising per Linear (as
+    TurboDiffusion does), with two thirds of those quantiser calls gone."""
+    calls = []
+    quantize_input = wan_dit.Linear.quantize_input
+    monkeypatch.setattr(wan_dit.Linear, "quantize_input", lambda *a: calls.append(1) or quantize_input(*a))
+    out = _forward(converted["quant"])
+    assert len(calls) == 1  # traced once inside the scan over blocks: one call for the three Linears
+    monkeypatch.setattr(wan_dit, "_shared_input_linears", _one_quantisation_per_linear)
+    np.testing.assert_array_equal(out, _forward(converted["quant"]))
 
 
 def test_w8a8_dit_is_near_the_dequantised_network_and_the_oracle(converted):
@@ -571,6 +632,19 @@ def test_gpu_quantizer_is_bit_exact_at_bench_shapes(k):
     bad = np.argwhere(np.asarray(q) != want_q)
     assert bad.size == 0, (f"{len(bad)} codes differ, first at {bad[0]}: got {np.asarray(q)[tuple(bad[0])]}, "
                            f"want {want_q[tuple(bad[0])]}, x = {float(x[tuple(bad[0])])!r}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [8960, 13824])
+def test_gpu_gelu_quantiser_matches_the_unfused_pair_at_bench_shapes(k):
+    """The FFN's fc2 input at the bench shapes: GELU fused into the Triton quantiser against XLA's GELU (the DiT's
+    previous path) then the same quantiser; they differ only where the two tanh implementations round a GELU value
+    to the other bf16."""
+    assert ON_GPU, "needs a GPU"
+    x = (3.0 * jax.random.normal(jax.random.key(k), (BENCH_M, k))).astype(jnp.bfloat16)
+    q, s = int8_matmul.quantize_blockwise(x, activation="gelu_tanh", implementation="triton")
+    h = jax.jit(lambda x: jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype))(x)
+    _check_near_codes(q, s, *int8_matmul.quantize_blockwise(h, implementation="triton"))
 
 
 @pytest.mark.gpu

@@ -369,6 +369,18 @@ def test_dispatch_and_config_rules():
                             interpret=True)
 
 
+def test_default_dispatch_falls_back_to_the_reference_for_rope_the_kernel_cannot_tile(monkeypatch):
+    """Where the kernel is the default (GPUs) but head_dim is not a power of two (the tiny test DiTs' 12), the
+    dispatcher runs the reference instead of refusing; asked for explicitly, the kernel still refuses (above)."""
+    x, _, _ = _inputs(18, 1, 4, 96)
+    w, _ = _channel_vectors(19, 96)
+    cos, sin = layers.rope_tables((1, 1, 4), 48)
+    monkeypatch.setattr(norms, "default_implementation", lambda: "triton")
+    out = norms.rms_norm_rope(x, w, cos, sin, eps=EPS, out_dtype=bf16, head_dim=48)
+    want = reference.rms_norm_rope(x, w, cos, sin, eps=EPS, out_dtype=bf16, head_dim=48)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
 # --- the Triton kernels at the real shapes ---------------------------------------------------------------------
 
 def _real_shape_calls(l: int, c: int, head_dim: int = 128):

@@ -4,6 +4,7 @@ semantics, acceleration.md 5), the Pallas kernels, and the dispatcher.
     q, s = quantize_blockwise(x)                              # x [M, K] bf16 -> int8 [M, K], fp32 [M/128, K/128]
     y = int8_block_matmul(q, s, w_q, w_scale)                 # w_q [N, K] int8 -> [M, N] bf16
     y = int8_linear(x, w_q, w_scale, bias)                    # both, x [..., K] -> [..., N] in x's dtype
+    y = int8_linear(h, w_q, w_scale, bias, activation="gelu_tanh")  # of gelu(h), fused into the quantiser
 
 implementation: None picks the fastest for the device and shapes (the Mosaic GPU GEMM on Hopper when K and N are
 multiples of 128, else the Pallas-Triton kernels on a GPU, else the reference); "reference" is pure jnp; "triton"
@@ -49,11 +50,13 @@ def _check_config(impl: str, config) -> None:
                      "for 'mosaic'")
 
 
-def quantize_blockwise(x: jax.Array, *, implementation: str | None = None, interpret: bool = False):
-    """x [M, K] bf16/fp16 -> (q int8 [M, K], scale fp32 [ceil(M/128), ceil(K/128)]): TurboDiffusion's quantiser."""
+def quantize_blockwise(x: jax.Array, *, activation=None, implementation: str | None = None, interpret: bool = False):
+    """x [M, K] bf16/fp16 -> (q int8 [M, K], scale fp32 [ceil(M/128), ceil(K/128)]): TurboDiffusion's quantiser,
+    of activation(x) where an activation ("gelu_tanh") precedes the Linear: one pass, the activated x never
+    written."""
     if _pick(implementation) in ("triton", "mosaic"):
-        return triton.quantize_blockwise(x, interpret=interpret)
-    return reference.quantize_blockwise(x)
+        return triton.quantize_blockwise(x, activation=activation, interpret=interpret)
+    return reference.quantize_blockwise(x, activation)
 
 
 def int8_block_matmul(
@@ -75,15 +78,17 @@ def int8_block_matmul(
 
 
 def int8_linear(
-    x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Array | None = None, *,
+    x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Array | None = None, *, activation=None,
     implementation: str | None = None, config: GemmConfig | MosaicConfig | None = None, interpret: bool = False,
 ) -> jax.Array:
-    """W8A8 linear: x [..., K] bf16/fp16 quantised per call in 128 x 128 tiles, times w_q [N, K] int8 with w_scale
-    [ceil(N/128), ceil(K/128)], rounded to x's dtype, + bias [N] in x's dtype -> [..., N]."""
+    """W8A8 linear: activation(x) (x [..., K] bf16/fp16; activation None or "gelu_tanh", applied in the quantiser's
+    pass) quantised per call in 128 x 128 tiles, times w_q [N, K] int8 with w_scale [ceil(N/128), ceil(K/128)],
+    rounded to x's dtype, + bias [N] in x's dtype -> [..., N]."""
     impl = _pick(implementation, x.size // x.shape[-1], x.shape[-1], w_q.shape[0])
     if impl == "reference":
-        return reference.int8_linear(x, w_q, w_scale, bias)
-    q, s = quantize_blockwise(x.reshape(-1, x.shape[-1]), implementation="triton", interpret=interpret)
+        return reference.int8_linear(x, w_q, w_scale, bias, activation)
+    q, s = quantize_blockwise(x.reshape(-1, x.shape[-1]), activation=activation, implementation="triton",
+                              interpret=interpret)
     y = int8_block_matmul(q, s, w_q, w_scale, out_dtype=x.dtype, bias=bias, implementation=impl, config=config,
                           interpret=interpret)
     return y.reshape(*x.shape[:-1], w_q.shape[0])

@@ -82,7 +82,31 @@ def table(m: int, iters: int, impls: list[str], config: GemmConfig, with_referen
             row(f"W8A8 (quantise + block-scaled GEMM + bias), {impl}", t_ours, vs_bf16=t_bf16 / t_ours,
                 vs_int8=t_int8 / t_ours, **diff)
             row(f"  block-scaled GEMM alone ({impl})", bench(gemm, x_q, x_scale, w_q, w_scale, iters=iters))
+        if k in FFN_OUT_K:
+            gelu_rows(x, w, bias, w_q, w_scale, impls, configs, iters=iters, interpret=interpret, row=row)
     return rows
+
+
+FFN_OUT_K = (8960, 13824)  # the FFN's second Linear (1.3B, 14B), whose input is GELU(first Linear's output)
+
+
+def gelu_rows(x, w, bias, w_q, w_scale, impls, configs, *, iters, interpret, row) -> None:
+    """Rows (by `row`) of the FFN's fc2 of GELU(h) as the DiT runs it: XLA's GELU pass then the bf16 dot (the float
+    model), XLA's GELU then W8A8 (the DiT's previous W8A8 path), and W8A8 with the GELU inside the quantiser's
+    pass."""
+    gelu = lambda h: jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(h.dtype)
+    t_bf16 = bench(jax.jit(lambda h, w, b: jax.lax.dot_general(gelu(h), w, DOT) + b), x, w, bias, iters=iters)
+    row("GELU + fc2: XLA GELU, bf16 dot", t_bf16)
+    for impl in impls:
+        kw = dict(implementation=impl, config=configs[impl], interpret=interpret)
+        unfused = jax.jit(lambda h, *ws: int8_matmul.int8_linear(gelu(h), *ws, **kw))
+        fused = jax.jit(lambda h, *ws: int8_matmul.int8_linear(h, *ws, activation="gelu_tanh", **kw))
+        t_unfused = bench(unfused, x, w_q, w_scale, bias, iters=iters)
+        row(f"GELU + fc2: XLA GELU, W8A8 ({impl})", t_unfused, vs_bf16=t_bf16 / t_unfused)
+        t_fused = bench(fused, x, w_q, w_scale, bias, iters=iters)
+        row(f"GELU + fc2: W8A8, GELU in the quantiser ({impl})", t_fused, vs_bf16=t_bf16 / t_fused,
+            vs_unfused=t_unfused / t_fused, rel_diff_vs_unfused=rel(fused(x, w_q, w_scale, bias),
+                                                                    unfused(x, w_q, w_scale, bias)))
 
 
 def sweep(m: int, iters: int, impls: list[str]) -> list[dict]:
@@ -136,12 +160,13 @@ def main(argv=None) -> int:
     impls = args.impl or (["mosaic"] if mosaic.supports(args.tokens, 128, 128) else []) + ["triton"]
     out = {"sweep": sweep(args.tokens, args.iters, impls)} if args.sweep else {}
     out["table"] = table(args.tokens, args.iters, impls, config, not args.no_reference, args.interpret)
-    print("\n| K | N | path | ms | TOP/s | vs XLA bf16 | vs XLA int8 | rel. diff vs reference |")
+    print("\n| K | N | path | ms | TOP/s | vs XLA bf16 | vs XLA int8 (GELU rows: vs unfused) | rel. diff vs reference "
+          "(GELU rows: vs unfused) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in out["table"]:
         vs_bf16 = f"{r['vs_bf16']:.2f}x" if "vs_bf16" in r else ""
-        vs_int8 = f"{r['vs_int8']:.2f}x" if "vs_int8" in r else ""
-        diff = f"{r['rel_diff_vs_reference']:.1e}" if "rel_diff_vs_reference" in r else ""
+        vs_int8 = next((f"{r[key]:.2f}x" for key in ("vs_int8", "vs_unfused") if key in r), "")
+        diff = next((f"{r[key]:.1e}" for key in ("rel_diff_vs_reference", "rel_diff_vs_unfused") if key in r), "")
         print(f"| {r['k']} | {r['n']} | {r['path']} | {r['ms']:.3f} | {r['tops']:.0f} | {vs_bf16} | {vs_int8} "
               f"| {diff} |")
     if args.json:

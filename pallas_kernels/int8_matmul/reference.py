@@ -10,6 +10,8 @@ Spec: acceleration.md 5.
               (sx[m // 128, kb] * sw[n // 128, kb]), accumulated in fp32 and rounded once to the output dtype.
   linear      out = dtype(Y) + bias: the bias is added after the rounding, in the output dtype.
 Activations are quantised on every call, in 128-token x 128-channel tiles of x.reshape(-1, K) (not per token).
+  activation  optionally applied to x first, as the model does before the Linear: "gelu_tanh" (the Wan FFN's
+              GELU between its two Linears) = GELU with the tanh approximation in fp32 of x, rounded to x's dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ f32 = jnp.float32
 BLOCK = 128
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 AMAX_FLOOR = 1e-8
+ACTIVATIONS = (None, "gelu_tanh")
 
 
 def num_blocks(n: int) -> int:
@@ -55,12 +58,30 @@ def check_gemm_operands(x_q, x_scale, w_q, w_scale, bias=None) -> None:
         raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
 
 
-def quantize_blockwise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [M, K] bf16/fp16 -> (q int8 [M, K], scale fp32 [ceil(M/128), ceil(K/128)]) with x ~ q * scale per tile."""
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r} before a W8A8 Linear; available: "
+                         f"{', '.join(map(repr, ACTIVATIONS))}")
+
+
+def activate(x: jax.Array, activation) -> jax.Array:
+    """activation(x) in x's dtype (see the module doc); None: x. The rounding to x's dtype is behind an
+    optimization barrier: XLA would otherwise drop it where the consumer upcasts again (excess precision), and
+    reduce_precision would flush fp16 subnormals."""
+    check_activation(activation)
+    if activation is None:
+        return x
+    return jax.lax.optimization_barrier(jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype))
+
+
+def quantize_blockwise(x: jax.Array, activation=None) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] bf16/fp16 -> (q int8 [M, K], scale fp32 [ceil(M/128), ceil(K/128)]) with activation(x) ~ q * scale
+    per tile."""
     check_quantize_input(x)
     m, k = x.shape
     mt, kt = num_blocks(m), num_blocks(k)
-    tiles = jnp.pad(x.astype(f32), ((0, mt * BLOCK - m), (0, kt * BLOCK - k))).reshape(mt, BLOCK, kt, BLOCK)
+    x = activate(x, activation).astype(f32)
+    tiles = jnp.pad(x, ((0, mt * BLOCK - m), (0, kt * BLOCK - k))).reshape(mt, BLOCK, kt, BLOCK)
     amax = jnp.maximum(jnp.max(jnp.abs(tiles), axis=(1, 3)), jnp.asarray(AMAX_FLOOR, f32))  # [mt, kt]
     inv = jnp.asarray(128.0, f32) / amax
     q = jnp.clip(jnp.round(tiles * inv[:, None, :, None]), -128, 127).astype(jnp.int8)  # round: half to even
@@ -109,10 +130,11 @@ def int8_block_matmul(
     return round_and_add_bias(acc, out_dtype, bias)
 
 
-def int8_linear(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """W8A8 linear: x [..., K] bf16/fp16, w_q [N, K] int8, w_scale [ceil(N/128), ceil(K/128)], bias [N] ->
-    [..., N] in x's dtype. x is quantised in 128 x 128 tiles of x.reshape(-1, K)."""
+def int8_linear(x: jax.Array, w_q: jax.Array, w_scale: jax.Array, bias: jax.Array | None = None,
+                activation=None) -> jax.Array:
+    """W8A8 linear of activation(x): x [..., K] bf16/fp16, w_q [N, K] int8, w_scale [ceil(N/128), ceil(K/128)],
+    bias [N] -> [..., N] in x's dtype. activation(x) is quantised in 128 x 128 tiles of its [-1, K] reshape."""
     x2 = x.reshape(-1, x.shape[-1])
-    q, s = quantize_blockwise(x2)
+    q, s = quantize_blockwise(x2, activation)
     y = int8_block_matmul(q, s, w_q, w_scale, out_dtype=x.dtype, bias=bias)
     return y.reshape(*x.shape[:-1], w_q.shape[0])

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.int8_matmul.reference import (AMAX_FLOOR, BLOCK, check_gemm_operands, check_quantize_input,
-                                                  num_blocks)
+from pallas_kernels.int8_matmul.reference import (AMAX_FLOOR, BLOCK, check_activation, check_gemm_operands,
+                                                  check_quantize_input, num_blocks)
+from pallas_kernels.rounding import round_to
 
 f32 = jnp.float32
 # 1.5 * 2^23 as fp32 bits: for |v| < 2^22, the float with bits (MAGIC_BITS + v) is exactly 1.5 * 2^23 + v.
@@ -109,13 +110,17 @@ def _divide(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
     return out
 
 
-def _quantize_kernel(x_ref, q_ref, s_ref, *, m, k, interpret):
-    """x_ref [M, K], q_ref [M, K] int8, s_ref [ceil(M/128), ceil(K/128)] fp32; this program's tile is (i, j)."""
+def _quantize_kernel(x_ref, q_ref, s_ref, *, m, k, activation, interpret):
+    """x_ref [M, K], q_ref [M, K] int8, s_ref [ceil(M/128), ceil(K/128)] fp32; this program's tile is (i, j).
+    activation "gelu_tanh": the tile is activated first (`reference.activate`), so the activated tensor is never
+    written; padding stays 0 (gelu(0) = 0)."""
     i, j = pl.program_id(0), pl.program_id(1)
     rows, cols = pl.ds(i * BLOCK, BLOCK), pl.ds(j * BLOCK, BLOCK)
     row_ok, col_ok = _in_range(i * BLOCK, BLOCK, m), _in_range(j * BLOCK, BLOCK, k)
     mask = _and_masks(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
     x = _load(x_ref.at[rows, cols], mask, 0.0).astype(f32)
+    if activation == "gelu_tanh":
+        x = round_to(jax.nn.gelu(x, approximate=True), x_ref.dtype, interpret)
     amax = jnp.maximum(jnp.max(jnp.max(jnp.abs(x), axis=1, keepdims=True), axis=0, keepdims=True),
                        jnp.asarray(AMAX_FLOOR, f32))  # [1, 1]
     inv = _divide(jnp.full_like(amax, 128.0), amax, interpret)
@@ -123,23 +128,24 @@ def _quantize_kernel(x_ref, q_ref, s_ref, *, m, k, interpret):
     pltr.store(s_ref.at[pl.ds(i, 1), pl.ds(j, 1)], amax / 128.0)
 
 
-def quantize_blockwise(x: jax.Array, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+def quantize_blockwise(x: jax.Array, *, activation=None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """`reference.quantize_blockwise` as one pass over x [M, K]: (q int8 [M, K], scale fp32 [ceil(M/128),
-    ceil(K/128)]).
+    ceil(K/128)]) of activation(x).
 
     Under vmap (the DiT's init quantises each stacked block Linear, [layers, N, K]) the kernel runs once per batch
     element (lax.map), not as one pallas_call over the stacked array: Pallas-Triton picks 32-bit offsets for
     arrays up to 2^32 bytes, so a batched int8 output of 2^31 to 2^32 elements (14B's FFN: 40 x 13824 x 5120)
     would be addressed with wrapped-around negative offsets (an illegal or corrupting access), and
     `_check_offsets` sees only one element's shape."""
-    return _per_element_under_vmap(interpret)(x)
+    check_activation(activation)
+    return _per_element_under_vmap(activation, interpret)(x)
 
 
 @functools.cache
-def _per_element_under_vmap(interpret: bool):
+def _per_element_under_vmap(activation, interpret: bool):
     @jax.custom_batching.custom_vmap
     def quantize(x):
-        return _quantize(x, interpret=interpret)
+        return _quantize(x, activation=activation, interpret=interpret)
 
     @quantize.def_vmap
     def _rule(axis_size, in_batched, x):
@@ -151,14 +157,14 @@ def _per_element_under_vmap(interpret: bool):
     return quantize
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def _quantize(x: jax.Array, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("activation", "interpret"))
+def _quantize(x: jax.Array, *, activation, interpret: bool) -> tuple[jax.Array, jax.Array]:
     check_quantize_input(x)
     m, k = x.shape
     _check_offsets(x=(m, k))
     grid = (num_blocks(m), num_blocks(k))
     return tuple(pl.pallas_call(
-        functools.partial(_quantize_kernel, m=m, k=k, interpret=interpret),
+        functools.partial(_quantize_kernel, m=m, k=k, activation=activation, interpret=interpret),
         grid=grid,
         out_shape=[jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct(grid, f32)],
         compiler_params=pltr.CompilerParams(num_warps=4, num_stages=1),

@@ -95,6 +95,8 @@ def rms_norm_rope(
     RoPE (default out_dtype); round_before_weight: stock WanRMSNorm's rounding (None: FastRMSNorm)."""
     args = dict(eps=eps, out_dtype=out_dtype, head_dim=head_dim, norm_dtype=norm_dtype,
                 round_before_weight=round_before_weight)
+    if implementation is None and cos is not None and head_dim and head_dim & (head_dim - 1):
+        implementation = "reference"  # the kernel's [heads, head_dim] row blocks need a power-of-two head_dim
     if _kernels(implementation):
         return triton.rms_norm_rope(x, weight, cos, sin, **args, **_launch(config, interpret))
     return reference.rms_norm_rope(x, weight, cos, sin, **args)

@@ -46,12 +46,30 @@ class Linear(nnx.Module):
             self.weight, self.int8_weight, self.scale = nnx.Param(w), None, None
         self.bias = nnx.Param(_normal(rngs, (n_out,), 0.02, dtype))
 
-    def __call__(self, x: jax.Array, out_dtype) -> jax.Array:
+    def __call__(self, x: jax.Array, out_dtype, *, activation=None) -> jax.Array:
+        """The Linear of activation(x): None, or "gelu_tanh" (`layers.gelu_tanh`), which W8A8 applies inside its
+        activation quantiser's pass instead of writing the activated tensor."""
+        if activation not in (None, "gelu_tanh"):
+            raise ValueError(f"unknown activation {activation!r} before a Linear; available: None, 'gelu_tanh'")
         if self.weight is not None:
+            x = layers.gelu_tanh(x) if activation == "gelu_tanh" else x
             return layers.linear(x, self.weight[...], self.bias[...], out_dtype)
         bias = self.bias[...]
-        y = int8_matmul.int8_linear(x.astype(bias.dtype), self.int8_weight[...], self.scale[...], bias)
+        y = int8_matmul.int8_linear(x.astype(bias.dtype), self.int8_weight[...], self.scale[...], bias,
+                                    activation=activation)
         return y.astype(out_dtype)
+
+    def quantize_input(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """A W8A8 Linear's activation codes for x [..., K]: (int8 [M, K], scale), M the rows of x, for
+        `from_codes` of every W8A8 Linear that takes the same x (the self-attention's q, k, v)."""
+        return int8_matmul.quantize_blockwise(x.reshape(-1, x.shape[-1]).astype(self.bias.dtype))
+
+    def from_codes(self, codes: tuple[jax.Array, jax.Array], lead_shape: tuple, out_dtype) -> jax.Array:
+        """This W8A8 Linear of the x that `quantize_input` coded: [*lead_shape, N] in out_dtype."""
+        bias = self.bias[...]
+        y = int8_matmul.int8_block_matmul(*codes, self.int8_weight[...], self.scale[...], out_dtype=bias.dtype,
+                                          bias=bias)
+        return y.reshape(*lead_shape, -1).astype(out_dtype)
 
 
 class Scale(nnx.Module):
@@ -216,9 +234,10 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, first, cfg: WanConfig,
         # first gated add), and WanLayerNorm returns its input's dtype: that one norm output is rounded to bf16.
         normed = jnp.where(first, layers.exact_f32(normed.astype(dt)), normed)
     hmod = layers.modulate(normed, m[:, 0], m[:, 1], dt)
-    q = _rms_rope(sa.q(hmod, dt), sa.norm_q, cos, sin, cfg, dt)
-    k = _rms_rope(sa.k(hmod, dt), sa.norm_k, cos, sin, cfg, dt)
-    v = sa.v(hmod, dt).reshape(b, l, n, hd)
+    q, k, v = _shared_input_linears((sa.q, sa.k, sa.v), hmod, dt)
+    q = _rms_rope(q, sa.norm_q, cos, sin, cfg, dt)
+    k = _rms_rope(k, sa.norm_k, cos, sin, cfg, dt)
+    v = v.reshape(b, l, n, hd)
     proj_w = sa.proj_l.weight[...] if sa.proj_l is not None else None
     proj_b = sa.proj_l.bias[...] if sa.proj_l is not None else None
     a = self_attention(q, k, v, attention, proj_w, proj_b)
@@ -235,8 +254,17 @@ def block_forward(blk: WanBlock, x, e0, ctx, cos, sin, *, first, cfg: WanConfig,
 
     # FFN
     hf = layers.modulate(layers.layer_norm(x, cfg.eps).astype(x.dtype), m[:, 3], m[:, 4], dt)
-    y = blk.ffn.fc2(layers.gelu_tanh(blk.ffn.fc1(hf, dt)), dt)
+    y = blk.ffn.fc2(blk.ffn.fc1(hf, dt), dt, activation="gelu_tanh")
     return gated_add(x, y, m[:, 5])
+
+
+def _shared_input_linears(linears: tuple, x: jax.Array, out_dtype) -> list:
+    """[lin(x) for lin in linears], Linears of one kind that share the input x [B, L, K]: W8A8 ones quantise x once
+    for all of them (TurboDiffusion quantises it per Linear, to the same codes)."""
+    if linears[0].weight is not None:
+        return [lin(x, out_dtype) for lin in linears]
+    codes = linears[0].quantize_input(x)
+    return [lin.from_codes(codes, x.shape[:-1], out_dtype) for lin in linears]
 
 
 def check_linears(linears: str, dtype) -> None:
