@@ -1,4 +1,4 @@
-"""Roundings the references and the interpreted kernels must keep under jit.
+"""Roundings the references and the kernels must keep: under jit, in the Pallas interpreter, and in Triton.
 
 XLA may keep an fp32 intermediate where a program rounds to bf16/fp16 (xla_allow_excess_precision, on by default),
 for instance when a consumer upcasts the rounded value again. The references define roundings bit for bit, so they
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltr
 
 f32 = jnp.float32
 
@@ -25,10 +26,21 @@ def exact_f32(x: jax.Array) -> jax.Array:
 def round_to(v: jax.Array, dtype, interpret: bool) -> jax.Array:
     """v (fp32) rounded to dtype (None: kept), back in fp32, inside a Pallas kernel. In the interpreter XLA runs the
     kernel and may drop an fp32 -> bf16 -> fp32 round trip; reduce_precision cannot be dropped. Triton keeps both
-    casts (and has no reduce_precision)."""
+    casts (and has no reduce_precision). One difference: reduce_precision flushes fp16 subnormals (|v| < 6.1e-5) to
+    zero, which the GPU's cast keeps; bf16's subnormals are below fp32's normal range and never arise here."""
     if dtype is None or jnp.dtype(dtype) == f32:
         return v
     if interpret:
         info = jnp.finfo(dtype)
         return jax.lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     return v.astype(dtype).astype(f32)
+
+
+def divide(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+    """a / b correctly rounded (IEEE) in fp32, inside a Pallas-Triton kernel. On the GPU Triton lowers fp32 `/` to
+    the approximate div.full.f32, so the division is inline PTX there; the interpreter's `/` is IEEE already."""
+    if interpret:
+        return a / b
+    [out] = pltr.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, f32)])
+    return out

@@ -71,12 +71,11 @@ def test_every_row_is_written():
     assert np.isfinite(out).all() and (np.abs(out).sum(-1) > 0).all()
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_full_sla_dispatch(impl):
+def test_full_sla_dispatch():
     q, k, v = _inputs(11, 1, 300, 2, 64)
     w = (0.1 * jax.random.normal(jax.random.key(0), (64, 64))).astype(jnp.bfloat16)
     bias = jnp.full((64,), 0.05, jnp.bfloat16)
-    out = sla.sla_attention(q, k, v, topk=0.2, block_q=32, block_k=16, proj_w=w, proj_b=bias, implementation=impl,
+    out = sla.sla_attention(q, k, v, topk=0.2, block_q=32, block_k=16, proj_w=w, proj_b=bias, implementation="triton",
                             interpret=not ON_GPU)
     ref = reference.sla_attention(q, k, v, topk=0.2, block_q=32, block_k=16, proj_w=w, proj_b=bias)
     assert _rel(out, ref) < 1e-2
@@ -225,14 +224,17 @@ def test_mosaic_full_sla_matches_reference():
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
 def test_key_statistics_match_reference(dtype, tol):
-    """The one pass over k, v gives the linear branch's state and the block map's key mean (exactly: an fp32 sum
-    of 333 rows rounded to k's dtype)."""
+    """The one pass over k, v gives the linear branch's state and the block map's key mean: an fp32 sum of the 333
+    rows in another order than XLA's, rounded to k's dtype: in bf16 equal to `reference.key_mean` up to one ulp
+    where the two sums straddle a rounding boundary, in fp32 up to the summation order."""
     _, k, v = _inputs(17, 2, 333, 3, 64, dtype)
     kv, k_sum, k_mean = triton.key_statistics(k, v, rows=96, interpret=not ON_GPU)
     ref_kv, ref_sum = reference.linear_state(k, v)
     assert kv.dtype == dtype and _rel(kv, ref_kv) < tol and _rel(k_sum, ref_sum) < tol
-    np.testing.assert_allclose(np.asarray(k_mean, np.float32), np.asarray(reference.key_mean(k), np.float32),
-                               rtol=1e-6 if dtype == jnp.float32 else 0, atol=0)
+    want = np.asarray(reference.key_mean(k), np.float32)
+    bf16_ulp = np.spacing(np.abs(want)) * 2.0 ** 16  # fp32's spacing times 2^(23 - 7)
+    tol = 1e-6 * np.abs(want) if dtype == jnp.float32 else bf16_ulp
+    assert k_mean.dtype == dtype and (np.abs(np.asarray(k_mean, np.float32) - want) <= tol).all()
     np.testing.assert_array_equal(triton.linear_state(k, v, rows=96, interpret=not ON_GPU)[0], kv)
 
 
@@ -247,6 +249,18 @@ def test_pooled_blocks_equal_the_reference(l, bq, bk, rows):
     assert pq.shape == (2, 3, -(-l // bq), 64) and pk.shape == (2, 3, -(-l // bk), 64)
     np.testing.assert_array_equal(np.asarray(pq, np.float32), np.asarray(ref_q, np.float32))
     np.testing.assert_array_equal(np.asarray(pk, np.float32), np.asarray(ref_k, np.float32))
+
+
+def test_block_map_kernels_take_the_callers_key_mean():
+    """sla_attention hands the block map the key mean of its state pass: with the kernels (interpreted here) the
+    map equals the reference's, and the mean is really used (a mean off by a lot changes the map)."""
+    q, k, v = _inputs(35, 1, 1000, 2, 64)
+    k_mean = triton.key_statistics(k, v, interpret=not ON_GPU)[2]
+    kw = dict(topk=0.15, block_q=128, block_k=64, implementation="triton", interpret=not ON_GPU)
+    np.testing.assert_array_equal(sla.block_map(q, k, k_mean=k_mean, **kw),
+                                  reference.block_map(q, k, topk=0.15, block_q=128, block_k=64))
+    assert (np.asarray(sla.block_map(q, k, k_mean=k_mean - 3.0, **kw)) != np.asarray(
+        sla.block_map(q, k, k_mean=k_mean, **kw))).any()
 
 
 def test_pooled_blocks_need_a_mean_to_centre_on():

@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.int8_matmul.reference import (AMAX_FLOOR, BLOCK, check_activation, check_gemm_operands,
                                                   check_quantize_input, num_blocks)
-from pallas_kernels.rounding import round_to
+from pallas_kernels.rounding import divide, round_to
 
 f32 = jnp.float32
 # 1.5 * 2^23 as fp32 bits: for |v| < 2^22, the float with bits (MAGIC_BITS + v) is exactly 1.5 * 2^23 + v.
@@ -100,16 +100,6 @@ def _to_codes(v: jax.Array, interpret: bool) -> jax.Array:
     return jnp.minimum(bits - MAGIC_BITS, 127).astype(jnp.int8)
 
 
-def _divide(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
-    """a / b correctly rounded (IEEE) in fp32. On the GPU Triton lowers fp32 `/` to the approximate div.full.f32,
-    so the division is inline PTX there; the interpreter's `/` is IEEE already."""
-    if interpret:
-        return a / b
-    [out] = pltr.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, f32)])
-    return out
-
-
 def _quantize_kernel(x_ref, q_ref, s_ref, *, m, k, activation, interpret):
     """x_ref [M, K], q_ref [M, K] int8, s_ref [ceil(M/128), ceil(K/128)] fp32; this program's tile is (i, j).
     activation "gelu_tanh": the tile is activated first (`reference.activate`), so the activated tensor is never
@@ -123,7 +113,7 @@ def _quantize_kernel(x_ref, q_ref, s_ref, *, m, k, activation, interpret):
         x = round_to(jax.nn.gelu(x, approximate=True), x_ref.dtype, interpret)
     amax = jnp.maximum(jnp.max(jnp.max(jnp.abs(x), axis=1, keepdims=True), axis=0, keepdims=True),
                        jnp.asarray(AMAX_FLOOR, f32))  # [1, 1]
-    inv = _divide(jnp.full_like(amax, 128.0), amax, interpret)
+    inv = divide(jnp.full_like(amax, 128.0), amax, interpret)
     pltr.store(q_ref.at[rows, cols], _to_codes(x * inv, interpret), mask=mask)
     pltr.store(s_ref.at[pl.ds(i, 1), pl.ds(j, 1)], amax / 128.0)
 

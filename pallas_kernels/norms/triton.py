@@ -3,7 +3,7 @@ one pass over x (two for the quantising one).
 
 Rows are read at a power-of-two width W >= C (Triton blocks are powers of two; C = 1536 or 5120 in Wan) with a
 masked load, so padded columns read zero: they add nothing to the sums, are zeroed before the variance, and are never
-stored. Sums divide by the real C with the IEEE division (`int8_matmul.triton._divide`: Triton's own fp32 `/` is
+stored. Sums divide by the real C with the IEEE division (`rounding.divide`: Triton's own fp32 `/` is
 approximate on the GPU). Where the reference rounds an intermediate (`reference.py`), the kernel rounds it too
 (`rounding.round_to`), and everything else stays fp32 until the single store.
 
@@ -34,9 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.int8_matmul.reference import AMAX_FLOOR, BLOCK, num_blocks
-from pallas_kernels.int8_matmul.triton import _and_masks, _check_offsets, _divide, _in_range, _load, _to_codes
+from pallas_kernels.int8_matmul.triton import _and_masks, _check_offsets, _in_range, _load, _to_codes
 from pallas_kernels.norms import reference
-from pallas_kernels.rounding import round_to
+from pallas_kernels.rounding import divide, round_to
 
 f32 = jnp.float32
 
@@ -72,7 +72,7 @@ class NormConfig:
 
 def _mean(total: jax.Array, c: int, interpret: bool) -> jax.Array:
     """total / c with the IEEE division, as jnp.mean divides."""
-    return _divide(total, jnp.full_like(total, float(c)), interpret)
+    return divide(total, jnp.full_like(total, float(c)), interpret)
 
 
 def _ln_stats(x: jax.Array, col_ok, c: int, eps: float, interpret: bool) -> tuple[jax.Array, jax.Array]:
@@ -271,7 +271,7 @@ def _quantize_tile_kernel(x_ref, mean_ref, rstd_ref, shift_ref, scale_ref, flag_
         z = jnp.where(mask, z, 0.0)  # a partial tile's missing elements count as 0 in amax, as in the quantiser
     amax = jnp.maximum(jnp.max(jnp.max(jnp.abs(z), axis=1, keepdims=True), axis=0, keepdims=True),
                        jnp.asarray(AMAX_FLOOR, f32))  # [1, 1]
-    inv = _divide(jnp.full_like(amax, 128.0), amax, interpret)
+    inv = divide(jnp.full_like(amax, 128.0), amax, interpret)
     q = _to_codes(z * inv, interpret)
     pltr.store(q_ref.at[rows, cols], q, mask=mask)
     pltr.store(s_ref.at[pl.ds(i, 1), pl.ds(j, 1)], amax / 128.0)
@@ -345,7 +345,7 @@ def _vae_norm_kernel(prefix_ref, x_ref, g_ref, bias_ref, o_ref, *, p, n, c, widt
     # One correctly rounded division per row, not per element: the per-element division and the exp leave the
     # kernel compute-bound at C = 96 (1 TB/s measured on an H100); x * (sqrt(C) / n) is within a few fp32 ulps of
     # the reference's x / n * sqrt(C).
-    inv = _divide(jnp.full_like(norm, float(c) ** 0.5), norm, interpret)
+    inv = divide(jnp.full_like(norm, float(c) ** 0.5), norm, interpret)
     gamma = _load(g_ref.at[pl.ds(0, width)], col_ok, 0.0).astype(f32)[None, :]
     y = v * inv[:, None] * gamma
     y = y / (1.0 + jnp.exp(-y))  # SiLU

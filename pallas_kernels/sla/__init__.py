@@ -35,7 +35,8 @@ def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=N
     reference: `jax.default_device(cpu)` on a GPU host picks the reference), "reference" (XLA, top_k a sort) or
     "triton": the block means by one pass over q and k (`triton.pooled_blocks`), their product in XLA, the top-k
     by `topk.top_k_blocks` (interpret=True runs both kernels on the CPU). k_mean: `reference.key_mean(k)` where the
-    caller has it already (`triton.key_statistics` computes it with the linear branch's state)."""
+    caller has it already (`triton.key_statistics` computes it with the linear branch's state); the reference
+    computes its own."""
     impl = implementation or ("reference" if reference.runs_on_cpu() else "triton")
     if impl == "reference":
         return reference.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)

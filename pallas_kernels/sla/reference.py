@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.rounding import exact_f32
+
 f32 = jnp.float32
 
 
@@ -35,9 +37,11 @@ def runs_on_cpu() -> bool:
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum accumulated in fp32. XLA:CPU has no batched bf16 x bf16 -> fp32 dot, so on the CPU the operands go
-    up to fp32 first: products of bf16 values are exact in fp32, so the result is the same."""
+    up to fp32 first: products of bf16 values are exact in fp32, so the result is the same. exact_f32, not astype:
+    under jit XLA would drop the rounding of an operand computed in fp32 and rounded just before (excess
+    precision), e.g. the pooled means."""
     if runs_on_cpu():
-        a, b = a.astype(f32), b.astype(f32)
+        a, b = exact_f32(a), exact_f32(b)
     return jnp.einsum(spec, a, b, preferred_element_type=f32, precision=_precision(a.dtype))
 
 

@@ -6,7 +6,10 @@ bf16 P.V with fp32 accumulation. Rows and keys past the sequence end are masked,
 255.9 x 128) need no padding copies. q, k, v stay in the DiT's [B, L, H, D] layout; each program sees its (b, h)
 slice as an [L, D] ref.
 
-`linear_state`: the linear branch's per-head state kv = phi(k)^T v, k_sum = sum phi(k) in one pass over k and v.
+`key_statistics`: everything SLA needs of all the keys in one pass over k and v: the linear branch's per-head state
+kv = phi(k)^T v, k_sum = sum phi(k) (`linear_state` returns those two), and the block map's key mean.
+
+`pooled_blocks`: the block map's block means of q and of the mean-centred k in one pass over q and k.
 
 `linear_epilogue`: o = o_sparse + proj_l(phi(q) kv / (1e-5 + phi(q) . k_sum)) per (row block, batch, head), with the
 per-head state (kv, k_sum) computed beforehand. In XLA this output side is ~10 passes over [B, L, H, D] tensors
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.rounding import round_to
+from pallas_kernels.rounding import divide, round_to
 
 LOG2E = math.log2(math.e)
 
@@ -238,7 +241,8 @@ def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, b
             total = jnp.sum(jnp.where(ok, x, 0.0), axis=0, keepdims=True)
             count = jnp.clip(seq_len - row0, 1, block).astype(jnp.float32)  # 1 past the end: not stored
             blk = row0 // block
-            pltr.store(out_ref.at[pl.ds(blk, 1), :], (total / count).astype(out_ref.dtype),
+            mean = divide(total, jnp.full_like(total, count), interpret)  # IEEE: the ragged last block's count
+            pltr.store(out_ref.at[pl.ds(blk, 1), :], mean.astype(out_ref.dtype),
                        mask=jnp.full((1, d), blk * block < seq_len))
 
     pool(q_ref, pq_ref, block_q, None)
@@ -248,8 +252,8 @@ def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, b
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "rows", "num_warps", "interpret"))
 def pooled_blocks(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int, block_k: int, rows: int = 256,
                   num_warps: int = 4, interpret: bool = False):
-    """`reference.pooled_blocks` in one pass over q and k [B, L, H, D] (k_mean [B, H, D]): (pooled q [B, H, Nq, D],
-    pooled centred k [B, H, Nk, D]) in q's dtype. Each program pools about `rows` rows of one (batch, head): the
+    """`reference.pooled_blocks` in one pass over q and k [B, L, H, D] (k_mean [B, H, D]): (pooled q [B, H, Nq, D]
+    in q's dtype, pooled centred k [B, H, Nk, D] in k's dtype). Each program pools about `rows` rows of one (batch, head): the
     nearest multiple of both block sizes at or above it. The defaults measured fastest on an H100 at every benchmark
     shape, or within 5% (docs/PERF.md): 0.086 ms at H = 12, L = 32,760, where XLA takes ~0.11 ms."""
     b, l, h, d = q.shape
