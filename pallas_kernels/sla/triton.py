@@ -195,9 +195,10 @@ def key_statistics(k: jax.Array, v: jax.Array, *, block: int = 32, rows: int = 1
 
     Each program sums about `rows` tokens of one (batch, head), `block` at a time; the fp32 partial sums are added in
     XLA and rounded once, like the reference's fp32-accumulated product. The defaults measured fastest on an H100
-    (docs/PERF.md): the [D, D] fp32 accumulator leaves room for one program per SM, so short `block`s keep the
-    rest of the registers free and ~1,500-row programs (22 per head at L = 32,760) balance the SMs: 0.150 ms at
-    H = 12, L = 32,760 (64-row blocks, 8 warps, 32 programs per head: 0.189 ms)."""
+    (docs/PERF.md): the [D, D] fp32 accumulator fills most of the register file (Nsight Compute: one 8-warp program
+    per SM at 64-row blocks), so short `block`s leave registers for the loads, and ~1,500-row programs (22 per head
+    at L = 32,760) balance the SMs: 0.150 ms at H = 12, L = 32,760 (64-row blocks, 8 warps, 32 programs per head:
+    0.189 ms)."""
     b, l, h, d = k.shape
     chunk = pl.cdiv(min(rows, l), block) * block
     n = pl.cdiv(l, chunk)
