@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.rounding import exact_f32
-from pallas_kernels.sla.reference import _einsum, _pad_blocks, _to_heads, add_linear_branch, block_map
+from pallas_kernels.sla.reference import _einsum, _pad_blocks, _to_heads, add_linear_branch, block_map, key_mean
 
 f32 = jnp.float32
 INT8_MAX = 127.0
@@ -62,7 +62,7 @@ def base2_scale(head_dim: int) -> np.float32:
 def smooth_keys(k: jax.Array) -> jax.Array:
     """k - mean_L(k) over the tokens of each (batch, head), mean and difference rounded to k's dtype.
     k [B, L, H, D] -> same shape and dtype."""
-    km = exact_f32(jnp.mean(k.astype(f32), axis=1, keepdims=True).astype(k.dtype))
+    km = exact_f32(key_mean(k)[:, None])  # the block map's key mean, [B, 1, H, D]
     return exact_f32(exact_f32(k) - km).astype(k.dtype)  # pinned: under jit XLA could keep k - km in fp32
 
 
