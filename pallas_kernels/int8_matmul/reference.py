@@ -60,7 +60,7 @@ def check_gemm_operands(x_q, x_scale, w_q, w_scale, bias=None) -> None:
 
 def check_activation(activation) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r} before a W8A8 Linear; available: "
+        raise ValueError(f"unknown activation {activation!r} before a Linear; available: "
                          f"{', '.join(map(repr, ACTIVATIONS))}")
 
 

@@ -49,8 +49,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype, *, activation=None) -> jax.Array:
         """The Linear of activation(x): None, or "gelu_tanh" (`layers.gelu_tanh`), which W8A8 applies inside its
         activation quantiser's pass instead of writing the activated tensor."""
-        if activation not in (None, "gelu_tanh"):
-            raise ValueError(f"unknown activation {activation!r} before a Linear; available: None, 'gelu_tanh'")
+        int8_matmul.reference.check_activation(activation)
         if self.weight is not None:
             x = layers.gelu_tanh(x) if activation == "gelu_tanh" else x
             return layers.linear(x, self.weight[...], self.bias[...], out_dtype)
