@@ -11,7 +11,7 @@ like FlashAttention-3's key tiles, so the wgmmas are N=128 / K=128 and the barri
 reductions run once per 128 keys instead of per 64. A ring slot then holds 2 * 64 rows of K and of V: step s
 copies blocks lut[2s] and lut[2s + 1] into its two halves, both copies arriving on the slot's one barrier (which
 counts two arrivals). An odd block count leaves the last step one block short: its second half re-loads the last
-block and is masked.
+block, which the step leaves out: it is one block wide (N=64 wgmmas).
 Ragged lengths: TMA zero-fills reads past L and drops writes past L; keys past L get -inf logits (in the last
 step only: the LUT is ascending).
 The linear branch's output side (`linear`: the per-head state kv, k_sum and proj_l) can be fused into the epilogue:
@@ -123,6 +123,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
     lut_row = lut_ref.at[bi, hi, qi]
     n_steps = pl.cdiv(n_sel, per_step)
     step_k = per_step * block_k
+    half_last = n_sel % per_step != 0  # an odd count of 64-key blocks in pair steps: a one-block last step
     d = qo_smem.shape[-1]
     # The slot that takes kv and proj_l's weight: the second-to-last step's, free while the last step computes.
     lin_slot = max(n_steps - 2, 0) % slots
@@ -140,29 +141,31 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
         acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
         m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        # The LUT is ascending, so only its last block can be the partial one at the sequence end, and every step
-        # but the last runs unmasked. In the last step the blocks before that one are whole and the slot rows after
-        # it (an odd count's re-loaded half) are no keys, so the step's real keys are its columns below `valid`:
-        # the last block's start column plus its keys inside the sequence (block_k unless it is the partial one).
-        last_block_col = (n_sel - 1 - (n_steps - 1) * per_step) * block_k
-        valid = last_block_col + jnp.minimum(block_k, seq_len - lut_row[n_sel - 1] * block_k)
-        col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, step_k), 1, layout=plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_loaded.at[0])
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
 
         def step(t, carry, masked=False):
+            """Step t over its slot's keys. The last step (masked) masks its columns from `valid` on: the LUT is
+            ascending, so only its last block can be the partial one at the sequence end, the blocks before it
+            are whole, and an odd count's re-loaded half is no keys. That half is not even multiplied: with
+            half_last the step is one block wide (N=64 wgmmas over the slot's first half)."""
             acc, m, l = carry
             slot = lax.rem(t, slots)
+            width = block_k if masked and half_last else step_k
+            keys = lambda ring: ring.at[slot, pl.ds(0, width)]
 
             def qk_product(s_ref):
-                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(s_ref, q_smem, keys(k_smem).transpose((1, 0)))
                 take_turn()
                 return s_ref[...]
 
-            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, step_k), jnp.float32))
+            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, width), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
             s = s * (scale * LOG2E)
             if masked:
+                last_block_col = (n_sel - 1 - (n_steps - 1) * per_step) * block_k
+                valid = last_block_col + jnp.minimum(block_k, seq_len - lut_row[n_sel - 1] * block_k)
+                col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, width), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(col < valid, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
@@ -176,7 +179,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
             def pv_product(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p16, keys(v_smem))
 
                 @pl.when(t + 1 < n_steps)
                 def _():
@@ -204,11 +207,10 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
 
         def block(t, j):
             """The LUT position of slot half j at step t. An odd count's last step re-loads the last block into its
-            missing half (masked) instead of skipping the copy: the slot's barrier still gets its per_step arrivals,
-            and the half holds finite values, where stale or never-written shared memory could hold NaNs that the
-            masked columns' p = 0 would not cancel in P.V (0 * NaN = NaN)."""
+            missing half, which that (one block wide) step never reads: the copy keeps the slot's barrier at its
+            per_step arrivals."""
             i = t * per_step + j
-            return jnp.minimum(i, n_sel - 1) if n_sel % per_step else i
+            return jnp.minimum(i, n_sel - 1) if half_last else i
 
         def fetch(src_ref, dst_smem, barriers):
             def fetch_step(t, slot):
