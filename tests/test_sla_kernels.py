@@ -225,20 +225,65 @@ def test_mosaic_full_sla_matches_reference():
     assert _rel(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_key_statistics_match_reference(dtype, tol):
-    """The one pass over k, v gives the linear branch's state and the block map's key mean: an fp32 sum of the 333
+def _key_statistics(impl, k, v):
+    """The key-statistics pass of `impl` with small chunks, so a (batch, head) takes several programs, the last one
+    short (its rows end past the sequence): the Triton kernel, or the Mosaic one in the Mosaic GPU interpreter on
+    the CPU (compiled on a GPU)."""
+    if impl == "triton":
+        return triton.key_statistics(k, v, rows=96, interpret=not ON_GPU)
+    return mosaic.key_statistics(k, v, chunk=256, interpret=not ON_GPU)
+
+
+@pytest.mark.parametrize("impl, dtype, tol, shape", [
+    ("triton", jnp.float32, 1e-6, (2, 333, 3, 64)),
+    ("triton", jnp.bfloat16, 1e-2, (2, 333, 3, 64)),
+    ("mosaic", jnp.bfloat16, 1e-2, (2, 1000, 2, 128)),  # 4 chunks of 256 tokens, the last one 232 (a ragged step)
+    ("mosaic", jnp.float16, 1e-2, (1, 520, 3, 128)),
+])
+def test_key_statistics_match_reference(impl, dtype, tol, shape):
+    """The one pass over k, v gives the linear branch's state and the block map's key mean: an fp32 sum of the
     rows in another order than XLA's, rounded to k's dtype: in bf16 equal to `reference.key_mean` up to one ulp
-    where the two sums straddle a rounding boundary, in fp32 up to the summation order."""
-    _, k, v = _inputs(17, 2, 333, 3, 64, dtype)
-    kv, k_sum, k_mean = triton.key_statistics(k, v, rows=96, interpret=not ON_GPU)
+    where the two sums straddle a rounding boundary, in fp32 up to the summation order. The Mosaic pass sums by
+    wgmma (k_sum and the key mean as products with an all-ones tile) and zeroes phi(k) past the sequence end."""
+    _, k, v = _inputs(17, *shape, dtype)
+    kv, k_sum, k_mean = _key_statistics(impl, k, v)
     ref_kv, ref_sum = reference.linear_state(k, v)
     assert kv.dtype == dtype and _rel(kv, ref_kv) < tol and _rel(k_sum, ref_sum) < tol
     want = np.asarray(reference.key_mean(k), np.float32)
-    bf16_ulp = np.spacing(np.abs(want)) * 2.0 ** 16  # fp32's spacing times 2^(23 - 7)
-    tol = 1e-6 * np.abs(want) if dtype == jnp.float32 else bf16_ulp
+    ulp = np.spacing(np.abs(want)) * 2.0 ** (23 - (7 if dtype == jnp.bfloat16 else 10))  # fp32's spacing, scaled
+    tol = 1e-6 * np.abs(want) if dtype == jnp.float32 else ulp
     assert k_mean.dtype == dtype and (np.abs(np.asarray(k_mean, np.float32) - want) <= tol).all()
-    np.testing.assert_array_equal(triton.linear_state(k, v, rows=96, interpret=not ON_GPU)[0], kv)
+    if impl == "triton":
+        np.testing.assert_array_equal(triton.linear_state(k, v, rows=96, interpret=not ON_GPU)[0], kv)
+
+
+def test_mosaic_key_statistics_refuses_other_shapes():
+    k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    assert not mosaic.state_shapes_supported(k) and mosaic.state_shapes_supported(jnp.zeros((1, 256, 2, 128), k.dtype))
+    assert not mosaic.state_shapes_supported(jnp.zeros((1, 256, 2, 128)))  # fp32
+    with pytest.raises(ValueError, match="head_dim 128"):
+        mosaic.key_statistics(k, k, interpret=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        mosaic.key_statistics(jnp.zeros((1, 256, 2, 128), jnp.bfloat16), jnp.zeros((1, 256, 2, 128), jnp.bfloat16),
+                              chunk=200, interpret=True)
+
+
+def test_mosaic_key_statistics_chunks_fill_the_sms():
+    """12 heads at L=32,760 (the 1.3B model at 480p): 11 chunks of 3,072 tokens per head, 132 CTAs, one wave of an
+    H100's 132 SMs; every chunk a whole number of 128-token steps."""
+    assert mosaic.state_chunk(1, 32760, 12, 132) == 3072
+    for b, l, h in [(1, 32760, 40), (1, 75600, 40), (2, 1000, 3)]:
+        chunk = mosaic.state_chunk(b, l, h, 132)
+        assert chunk % mosaic.STATE_STEP == 0 and chunk >= min(4 * mosaic.STATE_STEP, -(-l // 128) * 128)
+
+
+def test_mosaic_key_statistics_lowers_for_an_h100():
+    """phi(k)^T v and the two column sums are wgmmas with a transposed shared-memory A (phi(k) and k stored token-
+    major): m64n128 for kv, m64n64 against the all-ones tile."""
+    spec = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    text = _abstract_h100_lowering(functools.partial(mosaic.key_statistics, chunk=256), spec, spec)
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in text
 
 
 @pytest.mark.parametrize("l, bq, bk, rows", [(1000, 128, 64, 512), (4104, 64, 128, 512), (150, 16, 16, 64)])
@@ -383,3 +428,11 @@ def test_block_map_with_the_top_k_kernel_equals_the_reference(l, bk, top):
     np.testing.assert_array_equal(kernel, reference.block_map(q, k, topk=top, block_q=128, block_k=bk))
     with pytest.raises(ValueError, match="block-map implementation"):
         sla.block_map(q, k, topk=top, block_q=128, block_k=bk, implementation="mosaic")
+
+
+def test_mosaic_key_statistics_default_chunks_match_reference():
+    """The default chunking (`state_chunk` for this device's SM count; on a CPU host 132 SMs: two chunks of 512)."""
+    _, k, v = _inputs(41, 1, 1000, 2, 128)
+    kv, k_sum, _ = mosaic.key_statistics(k, v, interpret=not ON_GPU)
+    ref_kv, ref_sum = reference.linear_state(k, v)
+    assert _rel(kv, ref_kv) < 1e-2 and _rel(k_sum, ref_sum) < 1e-2

@@ -5,7 +5,7 @@ Every implementation shares the block map's semantics: mean-pooled scores, then 
 one Pallas-Triton pass over q and k (`triton.pooled_blocks`) and the top-k a Pallas-Triton kernel
 (`topk.top_k_blocks`: one pass per row instead of XLA's full sort, same indices). The kernel paths replace the
 sparse branch (where the time goes), compute the linear branch's per-head d x d state and the block map's key mean
-in one pass over k, v (`triton.key_statistics`), and fuse the linear output, proj_l and the final sum into one more
+in one pass over k, v (`mosaic.key_statistics` by wgmma on Hopper, `triton.key_statistics` elsewhere), and fuse the linear output, proj_l and the final sum into one more
 (`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q,
 k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`) and runs its sparse
 branch on those operands.
@@ -91,9 +91,14 @@ def sla_attention(
 
 
 def _key_statistics(k, v, proj_w, interpret):
-    """The kernel paths' one pass over all keys (`triton.key_statistics`: kv, k_sum, k_mean) where there is a
-    linear branch, else None (the block map then takes the key mean from XLA)."""
-    return None if proj_w is None else triton.key_statistics(k, v, interpret=interpret)
+    """The kernel paths' one pass over all keys (kv, k_sum, k_mean) where there is a linear branch, else None (the
+    block map then takes the key mean from XLA): by wgmma on Hopper (`mosaic.key_statistics`),
+    else by Pallas-Triton (`triton.key_statistics`; interpret=True runs that one on the CPU)."""
+    if proj_w is None:
+        return None
+    if not interpret and mosaic.state_supports(k):
+        return mosaic.key_statistics(k, v)
+    return triton.key_statistics(k, v, interpret=interpret)
 
 
 def _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret):

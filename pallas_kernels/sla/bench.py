@@ -134,6 +134,7 @@ def table(iters: int, block_q: int, block_k: int, with_reference: bool,
                     triton.pooled_blocks, block_q=block_q, block_k=block_k)), (q, k, k_mean)),
                 "linear-branch state (XLA)": (jax.jit(reference.linear_state), (k, v)),
                 "linear-branch state + key mean (Triton key_statistics)": (jax.jit(triton.key_statistics), (k, v)),
+                "linear-branch state + key mean (Mosaic key_statistics)": (jax.jit(mosaic.key_statistics), (k, v)),
                 "linear output + proj_l + sum (Triton epilogue, 64 rows)": (jax.jit(triton.linear_epilogue),
                                                                             (q, q, kv, k_sum, w, b)),
                 "linear output + proj_l + sum (Triton epilogue, 128 rows)": (

@@ -1,4 +1,8 @@
-"""SLA's sparse branch as a Mosaic GPU (Hopper) kernel: FlashAttention-3 structure walking the top-k index table.
+"""SLA's Mosaic GPU (Hopper) kernels: the sparse branch (FlashAttention-3 structure walking the top-k index table)
+and the key-statistics pass (`key_statistics`, at the end of this module: the linear branch's state and the key mean
+by wgmma).
+
+The sparse branch:
 
 One CTA per (head, 128-row query block, batch) = one row of the SLA block map, with three warpgroups:
   two compute warpgroups, 64 query rows each, share that row's key blocks: S = Q K^T by wgmma from shared memory,
@@ -319,3 +323,181 @@ def sparse_attention(
         kernel_name="sla_sparse_fwd_mosaic",  # how profiles (turbojax.bench.profile) tell it from other Mosaic kernels
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(lut.astype(jnp.int32), q, k, v, *(linear or ()))
+
+
+STATE_STEP = COMPUTE_WGS * WG_ROWS  # tokens per key-statistics step: 64 rows of phi(k) per compute warpgroup
+ONES_COLS = 64  # columns of the all-ones B operand whose products sum phi(k) and k over tokens
+
+
+def _num_sms() -> int:
+    """The default GPU's SM count; an H100 SXM's 132 where the default device is not a GPU (lowering or
+    interpreting on a CPU host, as the tests do)."""
+    device = jax.devices()[0]
+    return device.core_count if device.platform == "gpu" else 132
+
+
+def state_shapes_supported(k: jax.Array) -> bool:
+    """bf16/fp16, head_dim 128 (two 64-row halves of kv, one per compute warpgroup), L a multiple of 8 (TMA)."""
+    return k.dtype in (jnp.bfloat16, jnp.float16) and k.shape[-1] == 2 * WG_ROWS and k.shape[1] % 8 == 0
+
+
+def state_supports(k: jax.Array) -> bool:
+    """The shapes fit and the default device is an sm90 (Hopper) GPU."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0" \
+        and state_shapes_supported(k)
+
+
+def state_chunk(b: int, l: int, h: int, num_sms: int) -> int:
+    """Tokens per key-statistics CTA (a multiple of STATE_STEP): the chunk count per (batch, head) whose CTAs fill
+    whole waves of the SMs best (one CTA per SM fits in shared memory), the fewest such chunks on ties, at least
+    four steps a chunk. 12 heads at L = 32,760: 11 chunks of 3,072, 132 CTAs."""
+    steps = pl.cdiv(l, STATE_STEP)
+
+    def waste(n):
+        chunk = pl.cdiv(steps, n) * STATE_STEP
+        ctas = b * h * pl.cdiv(l, chunk)
+        return pl.cdiv(ctas, num_sms) * num_sms / ctas, n
+
+    best = min(range(1, max(1, steps // 4) + 1), key=waste)
+    return pl.cdiv(steps, best) * STATE_STEP
+
+
+def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, seq_len, chunk, slots):
+    """Partial sums over tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = the CTA's chunk: kv_ref
+    [D, D] block of phi(k)^T v, ksum_ref [D] of phi(k)'s columns, kcol_ref [D] of k's, fp32 (outputs [N, B, H, ...]).
+
+    Per 128-token step, compute warpgroup w turns its 64 rows of the K tile into phi(k) (a row softmax in fp32,
+    rounded to k's dtype, zero past L) in a shared tile; once both halves are written, w takes the D-rows
+    [64w, 64w + 64) of all three sums by wgmma over the step's 128 tokens: phi^T v, phi^T 1 and k^T 1 (the
+    column sums as products with an all-ones tile: the accumulators stay on the tensor cores' side, where a
+    column reduction of a register tile would cross warps every step). The memory warpgroup streams K and V by
+    TMA into a ring of `slots`."""
+    k_smem, v_smem, phi_smem, ones_smem = smem
+    k_loaded, v_loaded, k_consumed, v_consumed, phi_ready, phi_free = barriers
+    wg = lax.axis_index("wg")
+    ci, bi, hi = lax.axis_index("chunks"), lax.axis_index("batch"), lax.axis_index("heads")
+    start = ci * chunk
+    n_steps = jnp.minimum(chunk // STATE_STEP, pl.cdiv(seq_len - start, STATE_STEP))
+    d = k_smem.shape[-1]
+    f32 = jnp.float32
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")  # three accumulators (128 registers) and the K tile
+        mine = pl.ds(wg * WG_ROWS, WG_ROWS)
+        ones_smem.at[mine][...] = plgpu.layout_cast(jnp.ones((WG_ROWS, ONES_COLS), ones_smem.dtype),
+                                                    plgpu.Layout.WGMMA)
+
+        def sums(acc_refs):
+            kv_acc, ks_acc, kc_acc = acc_refs
+
+            @pl.loop(0, n_steps)
+            def _step(t):
+                slot = lax.rem(t, slots)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                x = plgpu.load(k_smem.at[slot, mine], layout=plgpu.Layout.WGMMA).astype(f32)
+                row = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA)
+                e = jnp.exp(x - lax.broadcast_in_dim(x.max(axis=1), x.shape, [0]))
+                # One reciprocal per row, like the Triton pass (whose bf16 phi matched the division's on an H100).
+                phi = e * lax.broadcast_in_dim(1.0 / e.sum(axis=1), x.shape, [0])
+                phi = jnp.where(start + t * STATE_STEP + wg * WG_ROWS + row < seq_len, phi, 0.0)
+
+                @pl.when(t > 0)
+                def _():
+                    plgpu.barrier_wait(phi_free)  # both warpgroups' products of step t - 1 are done
+
+                phi_smem.at[mine][...] = phi.astype(phi_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(phi_ready)
+                plgpu.barrier_wait(phi_ready)
+                plgpu.barrier_wait(v_loaded.at[slot])
+                phi_t = phi_smem.at[:, mine].transpose((1, 0))
+                plgpu.wgmma(kv_acc, phi_t, v_smem.at[slot])
+                plgpu.wgmma(ks_acc, phi_t, ones_smem)
+                plgpu.wgmma(kc_acc, k_smem.at[slot, :, mine].transpose((1, 0)), ones_smem)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(phi_free)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                plgpu.barrier_arrive(v_consumed.at[slot])
+
+            return kv_acc[...], ks_acc[...], kc_acc[...]
+
+        kv, ks, kc = pl.run_scoped(sums, (plgpu.ACC((WG_ROWS, d), f32), plgpu.ACC((WG_ROWS, ONES_COLS), f32),
+                                          plgpu.ACC((WG_ROWS, ONES_COLS), f32)))
+        plgpu.barrier_wait(phi_free)  # the last step's release, observed (the interpreter checks every phase)
+        kv_ref.at[ci, bi, hi, mine][...] = kv
+        ksum_ref.at[ci, bi, hi, mine][...] = ks.max(axis=1)  # every column holds the sum
+        kcol_ref.at[ci, bi, hi, mine][...] = kc.max(axis=1)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(t, slot):
+            rows = pl.ds(start + t * STATE_STEP, STATE_STEP)
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_loaded.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_loaded.at[slot])
+
+        @pl.loop(0, n_steps)
+        def _fill(t):
+            slot = lax.rem(t, slots)
+
+            @pl.when(t >= slots)
+            def _():
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+
+            fetch(t, slot)
+
+        for slot in range(slots):  # the releases the loop did not wait for, observed (the interpreter checks)
+            @pl.when(slot < n_steps)
+            def _():
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "slots", "interpret"))
+def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slots: int = 2,
+                   interpret: bool = False):
+    """`triton.key_statistics` by wgmma: (kv [B, H, D, D], k_sum [B, H, D], k_mean [B, H, D]) in k's dtype, from
+    k, v [B, L, H, D] (`state_shapes_supported`: each compute warpgroup takes 64 of the 128 rows of kv).
+
+    Each CTA sums `chunk` tokens of one (batch, head) (default `state_chunk`); the fp32 partial sums are added in
+    XLA and rounded once. interpret=True runs it in the Mosaic GPU interpreter on the CPU (tests)."""
+    b, l, h, d = k.shape
+    if not state_shapes_supported(k):
+        raise ValueError(f"the Mosaic key-statistics pass takes bf16/fp16, head_dim 128 and L a multiple of 8; got "
+                         f"{k.dtype}, head_dim {d}, L {l} (triton.key_statistics takes the others)")
+    chunk = chunk or state_chunk(b, l, h, _num_sms())
+    if chunk % STATE_STEP:
+        raise ValueError(f"chunk must be a multiple of {STATE_STEP} tokens, got {chunk}")
+    n = pl.cdiv(l, chunk)
+    tile = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def entry(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref):
+        smem = (plgpu.SMEM((slots, STATE_STEP, d), k.dtype, transforms=tile),
+                plgpu.SMEM((slots, STATE_STEP, d), v.dtype, transforms=tile),
+                plgpu.SMEM((STATE_STEP, d), k.dtype, transforms=tile),
+                plgpu.SMEM((STATE_STEP, ONES_COLS), k.dtype, transforms=tile))
+        barriers = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS), plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+        pl.run_scoped(functools.partial(_state_kernel, k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, seq_len=l,
+                                        chunk=chunk, slots=slots),
+                      smem, barriers, collective_axes="wg")
+
+    f32 = jnp.float32
+    kv, ksum, kcol = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((n, b, h, d, d), f32), jax.ShapeDtypeStruct((n, b, h, d), f32),
+                  jax.ShapeDtypeStruct((n, b, h, d), f32)),
+        grid=(n, b, h),
+        grid_names=("chunks", "batch", "heads"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        kernel_name="sla_key_statistics_mosaic",
+        interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
+    )(k, v)
+    return kv.sum(axis=0).astype(k.dtype), ksum.sum(axis=0).astype(k.dtype), (kcol.sum(axis=0) / l).astype(k.dtype)
