@@ -1,6 +1,7 @@
 """SLA and SageSLA benchmark at Wan's real attention shapes, every path timed in one process on one GPU.
 
     python -m pallas_kernels.sla.bench            # the table of the SLA / SageSLA issue
+    python -m pallas_kernels.sla.bench --headline --no-reference   # only cuDNN, SLA and SageSLA (a few minutes)
     python -m pallas_kernels.sla.bench --sweep    # also a launch-config sweep at H=12, L=32760
     python -m pallas_kernels.sla.bench --prep-sweep    # launch configs of the key-statistics and pooling passes
     python -m pallas_kernels.sla.bench --mosaic-blocks-per-step 1 2    # the Mosaic kernel alone with each
@@ -198,6 +199,31 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
     return rows
 
 
+def headline(iters: int, block_q: int, block_k: int) -> list[dict]:
+    """Only the rows the SLA issue's goals name, a few minutes on an H100: per shape cuDNN dense attention, and per
+    topk SLA and SageSLA as the DiT calls them (each dispatcher's default implementation for the device)."""
+    rows = []
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    for h, l in SHAPES:
+        q, k, v, w, b = inputs(h, l)
+        dense_ms = bench(cudnn, q, k, v, iters=iters)
+        rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
+        for topk in TOPKS:
+            kw = dict(topk=topk, block_q=block_q, block_k=block_k)
+            full = jax.jit(lambda q, k, v, w, b, kw=kw: sla.sla_attention(q, k, v, proj_w=w, proj_b=b, **kw))
+            sage = jax.jit(lambda q, k, v, w, b, kw=kw: sla.sage_sla_attention(q, k, v, proj_w=w, proj_b=b, **kw))
+            sla_ms, sage_ms = bench(full, q, k, v, w, b, iters=iters), bench(sage, q, k, v, w, b, iters=iters)
+            impl = sla.default_implementation(q, block_q, block_k)
+            sage_impl = sla.default_sage_implementation(q, block_q, block_k)
+            rows.append(dict(heads=h, tokens=l, topk=topk, path=f"SLA, {impl} sparse kernel ({block_q},{block_k})",
+                             ms=sla_ms, vs_cudnn=dense_ms / sla_ms))
+            rows.append(dict(heads=h, tokens=l, topk=topk, ms=sage_ms, vs_cudnn=dense_ms / sage_ms,
+                             path=f"SageSLA, {sage_impl} sparse kernel ({block_q},{block_k})", vs_sla=sla_ms / sage_ms,
+                             cos_vs_sla=cos_sim(sage(q, k, v, w, b), full(q, k, v, w, b))))
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def sweep(iters: int, mosaic_blocks_per_step=DEFAULT_BLOCKS_PER_STEP) -> list[dict]:
     """Launch configurations of the SLA and SageSLA sparse kernels at H=12, L=32760, topk 0.1 (the Mosaic SLA
     kernel's ring depths with each blocks_per_step at block_k=64; its slots are capped by shared memory)."""
@@ -253,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--prep-sweep", action="store_true", help="sweep the key-statistics and pooling passes' launches "
                                                              "instead of printing the table")
     p.add_argument("--no-reference", action="store_true", help="skip the slow pure-XLA SLA and SageSLA rows")
+    p.add_argument("--headline", action="store_true", help="only cuDNN, SLA and SageSLA as the DiT calls them (the "
+                                                           "rows of the issue's goals), no parts or other kernels")
     p.add_argument("--mosaic-blocks-per-step", type=int, nargs="+", choices=(1, 2),
                    default=list(DEFAULT_BLOCKS_PER_STEP),
                    help="key blocks per softmax step of the Mosaic SLA kernel (block_k=64): a kernel-alone row and "
@@ -267,7 +295,8 @@ def main(argv=None) -> int:
                 json.dump({"prep_sweep": rows}, f, indent=2)
         return 0
     out = {"sweep": sweep(args.iters, args.mosaic_blocks_per_step)} if args.sweep else {}
-    out["table"] = table(args.iters, args.block_q, args.block_k, not args.no_reference, args.mosaic_blocks_per_step)
+    out["table"] = (headline(args.iters, args.block_q, args.block_k) if args.headline else
+                    table(args.iters, args.block_q, args.block_k, not args.no_reference, args.mosaic_blocks_per_step))
     print("\n| heads | tokens | topk | path | ms | vs cuDNN | vs bf16 SLA | rel. diff vs reference or cos-sim vs SLA |")
     print("|---|---|---|---|---|---|---|---|")
     for r in out["table"]:
