@@ -5,7 +5,8 @@ Every implementation shares the block map's semantics: mean-pooled scores, then 
 one Pallas-Triton pass over q and k (`triton.pooled_blocks`) and the top-k a Pallas-Triton kernel
 (`topk.top_k_blocks`: one pass per row instead of XLA's full sort, same indices). The kernel paths replace the
 sparse branch (where the time goes), compute the linear branch's per-head d x d state and the block map's key mean
-in one pass over k, v (`mosaic.key_statistics` by wgmma on Hopper, `triton.key_statistics` elsewhere), and fuse the linear output, proj_l and the final sum into one more
+in one pass over k, v (`mosaic.key_statistics` by wgmma with the Mosaic kernels, else `triton.key_statistics`),
+and fuse the linear output, proj_l and the final sum into one more
 (`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q,
 k (int8 per block, k mean-smoothed) and v (e4m3 per channel) in XLA (`sage_reference.quantize`) and runs its sparse
 branch on those operands.
@@ -35,7 +36,7 @@ def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=N
     reference: `jax.default_device(cpu)` on a GPU host picks the reference), "reference" (XLA, top_k a sort) or
     "triton": the block means by one pass over q and k (`triton.pooled_blocks`), their product in XLA, the top-k
     by `topk.top_k_blocks` (interpret=True runs both kernels on the CPU). k_mean: `reference.key_mean(k)` where the
-    caller has it already (`triton.key_statistics` computes it with the linear branch's state); the reference
+    caller has it already (the key-statistics passes compute it with the linear branch's state); the reference
     computes its own."""
     impl = implementation or ("reference" if reference.runs_on_cpu() else "triton")
     if impl == "reference":
@@ -78,7 +79,7 @@ def sla_attention(
         raise ValueError(f"the Mosaic SLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, block_q 128 "
                          f"and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, blocks "
                          f"({block_q}, {block_k})")
-    stats = _key_statistics(k, v, proj_w, interpret)
+    stats = _key_statistics(impl, k, v, proj_w, interpret)
     lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=None if stats is None else stats[2])
     if impl == "mosaic" and stats is not None and mosaic.fuses_linear(mosaic.MosaicConfig(), block_k, q.shape[-1]):
         return mosaic.sparse_attention(q, k, v, lut, block_q=block_q, block_k=block_k,
@@ -90,13 +91,14 @@ def sla_attention(
     return _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret)
 
 
-def _key_statistics(k, v, proj_w, interpret):
+def _key_statistics(impl, k, v, proj_w, interpret):
     """The kernel paths' one pass over all keys (kv, k_sum, k_mean) where there is a linear branch, else None (the
-    block map then takes the key mean from XLA): by wgmma on Hopper (`mosaic.key_statistics`),
-    else by Pallas-Triton (`triton.key_statistics`; interpret=True runs that one on the CPU)."""
+    block map then takes the key mean from XLA): by wgmma with the Mosaic kernels where its shapes fit
+    (`mosaic.key_statistics`, Hopper), else by Pallas-Triton (`triton.key_statistics`; interpret=True runs it on
+    the CPU)."""
     if proj_w is None:
         return None
-    if not interpret and mosaic.state_supports(k):
+    if impl == "mosaic" and not interpret and mosaic.state_supports(k):
         return mosaic.key_statistics(k, v)
     return triton.key_statistics(k, v, interpret=interpret)
 
@@ -138,7 +140,7 @@ def sage_sla_attention(
     if impl == "reference":
         return sage_reference.sage_sla_attention(q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=proj_w,
                                                  proj_b=proj_b)
-    stats = _key_statistics(k, v, proj_w, interpret)
+    stats = _key_statistics(impl, k, v, proj_w, interpret)
     lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=None if stats is None else stats[2])
     ops = sage_reference.quantize(q, k, v, block_q=block_q, block_k=block_k)
     kernel = sage_triton.sparse_attention if impl == "triton" else sage_mosaic.sparse_attention

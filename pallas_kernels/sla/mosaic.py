@@ -327,6 +327,8 @@ def sparse_attention(
 
 STATE_STEP = COMPUTE_WGS * WG_ROWS  # tokens per key-statistics step: 64 rows of phi(k) per compute warpgroup
 ONES_COLS = 64  # columns of the all-ones B operand whose products sum phi(k) and k over tokens
+MIN_STATE_STEPS = 16  # steps per key-statistics chunk at least (state_chunk)
+MAX_STATE_SLOTS = 2  # K/V ring depth of the key-statistics pass: a third slot needs 247,920 bytes of shared memory
 
 
 def _num_sms() -> int:
@@ -351,7 +353,10 @@ def state_supports(k: jax.Array) -> bool:
 def state_chunk(b: int, l: int, h: int, num_sms: int) -> int:
     """Tokens per key-statistics CTA (a multiple of STATE_STEP): the chunk count per (batch, head) whose CTAs fill
     whole waves of the SMs best (one CTA per SM fits in shared memory), the fewest such chunks on ties, at least
-    four steps a chunk. 12 heads at L = 32,760: 11 chunks of 3,072, 132 CTAs."""
+    MIN_STATE_STEPS steps a chunk (each chunk writes a [D, D] fp32 partial kv, 64 KB, against 512 bytes of K and
+    V read per token: 16 steps keep those writes and their re-read under 7% of the pass's traffic, where many
+    heads would otherwise pick tiny chunks for a sliver of wave balance). 12 heads at L = 32,760: 11 chunks of
+    3,072, 132 CTAs."""
     steps = pl.cdiv(l, STATE_STEP)
 
     def waste(n):
@@ -359,7 +364,7 @@ def state_chunk(b: int, l: int, h: int, num_sms: int) -> int:
         ctas = b * h * pl.cdiv(l, chunk)
         return pl.cdiv(ctas, num_sms) * num_sms / ctas, n
 
-    best = min(range(1, max(1, steps // 4) + 1), key=waste)
+    best = min(range(1, max(1, steps // MIN_STATE_STEPS) + 1), key=waste)
     return pl.cdiv(steps, best) * STATE_STEP
 
 
@@ -464,11 +469,17 @@ def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slot
     k, v [B, L, H, D] (`state_shapes_supported`: each compute warpgroup takes 64 of the 128 rows of kv).
 
     Each CTA sums `chunk` tokens of one (batch, head) (default `state_chunk`); the fp32 partial sums are added in
-    XLA and rounded once. interpret=True runs it in the Mosaic GPU interpreter on the CPU (tests)."""
+    XLA and rounded once. interpret=True runs it in the Mosaic GPU interpreter on the CPU (tests), which checks the
+    values and the TMA/barrier protocol but not the wgmma operand reads (its wgmma is synchronous): the phi tile's
+    reuse (phi_free) is exercised on the GPU only."""
     b, l, h, d = k.shape
     if not state_shapes_supported(k):
         raise ValueError(f"the Mosaic key-statistics pass takes bf16/fp16, head_dim 128 and L a multiple of 8; got "
                          f"{k.dtype}, head_dim {d}, L {l} (triton.key_statistics takes the others)")
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"k and v must have the same shape and dtype; got {k.shape} {k.dtype} and {v.shape} {v.dtype}")
+    if not 1 <= slots <= MAX_STATE_SLOTS:
+        raise ValueError(f"slots must be 1 to {MAX_STATE_SLOTS} (shared memory), got {slots}")
     chunk = chunk or state_chunk(b, l, h, _num_sms())
     if chunk % STATE_STEP:
         raise ValueError(f"chunk must be a multiple of {STATE_STEP} tokens, got {chunk}")

@@ -254,9 +254,9 @@ def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, b
 def pooled_blocks(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int, block_k: int, rows: int = 256,
                   num_warps: int = 4, interpret: bool = False):
     """`reference.pooled_blocks` in one pass over q and k [B, L, H, D] (k_mean [B, H, D]): (pooled q [B, H, Nq, D]
-    in q's dtype, pooled centred k [B, H, Nk, D] in k's dtype). Each program pools about `rows` rows of one (batch, head): the
-    nearest multiple of both block sizes at or above it. The defaults measured fastest on an H100 at every benchmark
-    shape, or within 5% (docs/PERF.md): 0.086 ms at H = 12, L = 32,760, where XLA takes ~0.11 ms."""
+    in q's dtype, pooled centred k [B, H, Nk, D] in k's dtype). Each program pools about `rows` rows of one (batch,
+    head): the nearest multiple of both block sizes at or above it. The defaults measured fastest on an H100 at every
+    benchmark shape, or within 5% (docs/PERF.md): 0.086 ms at H = 12, L = 32,760, where XLA takes ~0.11 ms."""
     b, l, h, d = q.shape
     chunk = pl.cdiv(rows, math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
     nq, nk = pl.cdiv(l, block_q), pl.cdiv(l, block_k)
