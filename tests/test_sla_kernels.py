@@ -454,3 +454,19 @@ def test_mosaic_key_statistics_default_chunks_match_reference():
     kv, k_sum, k_mean = mosaic.key_statistics(k, v, interpret=not ON_GPU)
     ref_kv, ref_sum = reference.linear_state(k, v)
     assert _rel(kv, ref_kv) < 1e-2 and _rel(k_sum, ref_sum) < 1e-2 and _rel(k_mean, reference.key_mean(k)) < 1e-2
+
+
+def test_headline_benchmark_runs_on_cpu_at_tiny_size(monkeypatch):
+    """`bench --headline`'s rows at one tiny shape: cuDNN (XLA's attention on a CPU), then SLA and SageSLA with each
+    dispatcher's default (the references here), their ratios and SageSLA's cos-sim to SLA."""
+    from pallas_kernels.sla import bench
+
+    dense = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation=None, **kw: dense(*a, **kw))
+    monkeypatch.setattr(bench, "SHAPES", [(2, 256)])
+    monkeypatch.setattr(bench, "TOPKS", [0.5])
+    rows = bench.headline(1, 128, 64)
+    assert [r["path"] for r in rows] == ["cuDNN dense", "SLA, reference sparse kernel (128,64)",
+                                         "SageSLA, reference sparse kernel (128,64)"]
+    assert rows[1]["vs_cudnn"] == pytest.approx(rows[0]["ms"] / rows[1]["ms"])
+    assert rows[2]["vs_sla"] == pytest.approx(rows[1]["ms"] / rows[2]["ms"]) and rows[2]["cos_vs_sla"] > 0.99

@@ -89,14 +89,21 @@ def sparse_rows(name: str, variants: dict, operands, where, *, iters: int, compa
 DEFAULT_BLOCKS_PER_STEP = (mosaic.MosaicConfig().blocks_per_step,)
 
 
+def shapes_with_cudnn(iters: int, rows: list):
+    """Per benchmark shape: (heads, tokens, its inputs, cuDNN dense attention's ms), the cuDNN row appended to rows
+    first."""
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    for h, l in SHAPES:
+        operands = inputs(h, l)
+        dense_ms = bench(cudnn, *operands[:3], iters=iters)
+        rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
+        yield h, l, operands, dense_ms
+
+
 def table(iters: int, block_q: int, block_k: int, with_reference: bool,
           mosaic_blocks_per_step=DEFAULT_BLOCKS_PER_STEP) -> list[dict]:
     rows = []
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-    for h, l in SHAPES:
-        q, k, v, w, b = inputs(h, l)
-        dense_ms = bench(cudnn, q, k, v, iters=iters)
-        rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
+    for h, l, (q, k, v, w, b), dense_ms in shapes_with_cudnn(iters, rows):
         for topk in TOPKS:
             lut = jax.jit(functools.partial(sla.block_map, topk=topk, block_q=block_q, block_k=block_k))(q, k)
             results, sparse_outs = {}, {}
@@ -205,11 +212,7 @@ def headline(iters: int, block_q: int, block_k: int) -> list[dict]:
     """Only the rows the SLA issue's goals name, a few minutes on an H100: per shape cuDNN dense attention, and per
     topk SLA and SageSLA as the DiT calls them (each dispatcher's default implementation for the device)."""
     rows = []
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-    for h, l in SHAPES:
-        q, k, v, w, b = inputs(h, l)
-        dense_ms = bench(cudnn, q, k, v, iters=iters)
-        rows.append(dict(heads=h, tokens=l, topk=None, path="cuDNN dense", ms=dense_ms))
+    for h, l, (q, k, v, w, b), dense_ms in shapes_with_cudnn(iters, rows):
         for topk in TOPKS:
             kw = dict(topk=topk, block_q=block_q, block_k=block_k)
             full = jax.jit(lambda q, k, v, w, b, kw=kw: sla.sla_attention(q, k, v, proj_w=w, proj_b=b, **kw))
