@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.devices import default_is_hopper
 from pallas_kernels.int8_matmul.reference import BLOCK, check_gemm_operands, num_blocks
 from pallas_kernels.int8_matmul.triton import MAGIC, MAGIC_BITS
 
@@ -79,9 +80,7 @@ def shapes_supported(m: int, k: int, n: int, tile_n: int = BLOCK) -> bool:
 
 def supports(m: int, k: int, n: int, tile_n: int = BLOCK) -> bool:
     """The shapes fit and the default device is an sm90 (Hopper) GPU."""
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0" and \
-        shapes_supported(m, k, n, tile_n)
+    return default_is_hopper() and shapes_supported(m, k, n, tile_n)
 
 
 def default_config(k: int, n: int) -> MosaicConfig:

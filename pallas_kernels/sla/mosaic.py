@@ -43,6 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.devices import default_is_hopper, num_sms
+
 LOG2E = math.log2(math.e)
 WG_ROWS = 64  # query rows per compute warpgroup (the wgmma M)
 COMPUTE_WGS = 2
@@ -73,8 +75,7 @@ def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
 
 def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
     """The shapes fit and the default device is an sm90 (Hopper) GPU."""
-    return jax.devices()[0].platform == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0" \
-        and shapes_supported(q, block_q, block_k)
+    return default_is_hopper() and shapes_supported(q, block_q, block_k)
 
 
 def fuses_linear(config: MosaicConfig, block_k: int, d: int) -> bool:
@@ -331,13 +332,6 @@ MIN_STATE_STEPS = 16  # steps per key-statistics chunk at least (state_chunk)
 MAX_STATE_SLOTS = 2  # K/V ring depth of the key-statistics pass: a third slot needs 247,920 bytes of shared memory
 
 
-def _num_sms() -> int:
-    """The default GPU's SM count; an H100 SXM's 132 where the default device is not a GPU (lowering or
-    interpreting on a CPU host, as the tests do)."""
-    device = jax.devices()[0]
-    return device.core_count if device.platform == "gpu" else 132
-
-
 def state_shapes_supported(k: jax.Array) -> bool:
     """bf16/fp16, head_dim 128 (two 64-row halves of kv, one per compute warpgroup), L a multiple of 8 (TMA)."""
     return k.dtype in (jnp.bfloat16, jnp.float16) and k.shape[-1] == 2 * WG_ROWS and k.shape[1] % 8 == 0
@@ -345,9 +339,7 @@ def state_shapes_supported(k: jax.Array) -> bool:
 
 def state_supports(k: jax.Array) -> bool:
     """The shapes fit and the default device is an sm90 (Hopper) GPU."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0" \
-        and state_shapes_supported(k)
+    return default_is_hopper() and state_shapes_supported(k)
 
 
 def state_chunk(b: int, l: int, h: int, num_sms: int) -> int:
@@ -480,7 +472,7 @@ def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slot
         raise ValueError(f"k and v must have the same shape and dtype; got {k.shape} {k.dtype} and {v.shape} {v.dtype}")
     if not 1 <= slots <= MAX_STATE_SLOTS:
         raise ValueError(f"slots must be 1 to {MAX_STATE_SLOTS} (shared memory), got {slots}")
-    chunk = chunk or state_chunk(b, l, h, _num_sms())
+    chunk = chunk or state_chunk(b, l, h, num_sms())
     if chunk % STATE_STEP:
         raise ValueError(f"chunk must be a multiple of {STATE_STEP} tokens, got {chunk}")
     n = pl.cdiv(l, chunk)

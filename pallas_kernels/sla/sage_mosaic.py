@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.devices import default_is_hopper
 from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring, ping_pong_turn
 from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
 
@@ -49,9 +50,7 @@ def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
 
 def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
     """The shapes fit and the default device is an sm90 (Hopper) GPU."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0" \
-        and shapes_supported(q, block_q, block_k)
+    return default_is_hopper() and shapes_supported(q, block_q, block_k)
 
 
 def _tiles(row_bytes: int):
