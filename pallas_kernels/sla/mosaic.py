@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.devices import default_is_hopper, num_sms
+from pallas_kernels.sla import reference
 
 LOG2E = math.log2(math.e)
 WG_ROWS = 64  # query rows per compute warpgroup (the wgmma M)
@@ -503,4 +504,4 @@ def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slot
         kernel_name="sla_key_statistics_mosaic",
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
     )(k, v)
-    return kv.sum(axis=0).astype(k.dtype), ksum.sum(axis=0).astype(k.dtype), (kcol.sum(axis=0) / l).astype(k.dtype)
+    return reference.sum_key_statistics(kv, ksum, kcol, l, k.dtype)

@@ -154,6 +154,13 @@ def linear_state(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return kv, jnp.sum(phi_k.astype(f32), axis=1).astype(dt)
 
 
+def sum_key_statistics(kv, k_sum, k_col, seq_len: int, dtype):
+    """The key-statistics kernels' fp32 partial sums over token chunks (kv [N, B, H, D, D], k_sum and k's column
+    sums [N, B, H, D]) added and rounded once to dtype, like `linear_state`'s fp32-accumulated product and
+    `key_mean`: (kv, k_sum, k_mean)."""
+    return kv.sum(axis=0).astype(dtype), k_sum.sum(axis=0).astype(dtype), (k_col.sum(axis=0) / seq_len).astype(dtype)
+
+
 def linear_output(q: jax.Array, kv: jax.Array, k_sum: jax.Array) -> jax.Array:
     """phi(q) kv / (1e-5 + phi(q) . k_sum) for q [B, L, H, D]; every product rounded to q's dtype."""
     dt = q.dtype

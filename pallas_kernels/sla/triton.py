@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.rounding import divide, round_to
+from pallas_kernels.sla import reference
 
 LOG2E = math.log2(math.e)
 
@@ -215,7 +216,7 @@ def key_statistics(k: jax.Array, v: jax.Array, *, block: int = 32, rows: int = 1
         interpret=interpret,
         name="sla_linear_state",
     )(k, v)
-    return kv.sum(axis=0).astype(k.dtype), ksum.sum(axis=0).astype(k.dtype), (kcol.sum(axis=0) / l).astype(k.dtype)
+    return reference.sum_key_statistics(kv, ksum, kcol, l, k.dtype)
 
 
 def linear_state(k: jax.Array, v: jax.Array, **launch):
