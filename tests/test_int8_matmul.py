@@ -683,14 +683,16 @@ def test_gpu_block_sums_exact_at_bench_rows(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile_n, overlap", [(128, False), (128, True), (256, False)])
+@pytest.mark.parametrize("tile_n, overlap, int_to_float", [(128, False, "bits"), (128, True, "bits"),
+                                                            (256, False, "bits"), (256, False, "convert"),
+                                                            (128, True, "convert")])
 @pytest.mark.parametrize("m", [1, 100, 1000])
-def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, tile_n, overlap):
+def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, tile_n, overlap, int_to_float):
     """Rows that fill no whole 128-row tile (TMA drops the stores past M), both CTA widths, the serial and the
-    overlapped K loops, and the bias epilogue: the bf16 output with bias is exactly the kernel's fp32 output rounded,
-    then + bias in bf16."""
+    overlapped K loops, both int32 -> fp32 promotions, and the bias epilogue: the bf16 output with bias is exactly
+    the kernel's fp32 output rounded, then + bias in bf16."""
     assert ON_GPU, "needs a GPU"
-    cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap)
+    cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap, int_to_float=int_to_float)
     x_q, x_scale, w_q, w_scale = _random_operands(m, m, 1536, 512)
     bias = jnp.asarray(np.random.default_rng(m).standard_normal(512) * 100, jnp.bfloat16)
     y32 = mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32, config=cfg)

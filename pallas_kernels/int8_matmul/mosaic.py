@@ -10,9 +10,11 @@ warpgroups:
   one memory warpgroup streams the x and w K-tiles by TMA into a ring of `max_concurrent_steps` shared-memory slots.
 Both operands stay K-contiguous ([M, K] and [N, K]): 8-bit wgmma takes only K-major operands.
 Every 128 x 128 piece of the output is one scale block, so sx * sw is one scalar per K step and 128 columns.
-int32 -> fp32 is exact either way (|block sum| <= 2^21): cvt.rn.f32.s32 (the default, measured ~10% faster), or
-`int_to_float="magic"`: the accumulator starts at the bits of 1.5 * 2^23 (`MAGIC_BITS`), so after the dot its bits
-read as the float 1.5 * 2^23 + sum, and one subtraction recovers the sum (no conversion, but a seeding move).
+int32 -> fp32 is exact either way (|block sum| <= 2^21): cvt.rn.f32.s32 (`int_to_float="convert"`, the default), or
+"bits": add the bits of 1.5 * 2^23 (`MAGIC_BITS`) to the sum, read the result as the float 1.5 * 2^23 + sum and
+subtract 1.5 * 2^23 (an integer add and an fp32 subtraction instead of the conversion; measured 3-12% slower on an
+H100, docs/PERF.md).
+The scales of the CTA's tile (one x row, n_sub w rows of K/128 each) are staged in shared memory by TMA at the start.
 Tiles are visited in groups of `group_m` row tiles per column tile, so the x rows of a group stay in L2.
 With `cluster=2` two CTAs of a cluster compute vertically adjacent tiles (rows mi and mi + 1 of one column tile) and
 share each w K-tile: both issue the same TMA copy with `collective_axes="cluster"`, each loads half and multicasts it
@@ -51,8 +53,8 @@ class MosaicConfig:
     """tile_n: output columns per CTA, 128 or 256 (256 halves the x traffic per operation; each warpgroup then
     holds two fp32 accumulators [64, 128] and runs the two 128-column products one after the other, so the int32
     accumulator stays one [64, 128]); max_concurrent_steps: depth of the x/w ring (capped by shared memory);
-    group_m: row tiles per L2 group; int_to_float: "magic" (accumulator seeded with MAGIC_BITS, one subtraction)
-    or "convert" (cvt.rn.f32.s32 on a zero-seeded accumulator); overlap (tile_n 128, an even number of K blocks):
+    group_m: row tiles per L2 group; int_to_float: "bits" (integer add of MAGIC_BITS, fp32 subtraction) or
+    "convert" (cvt.rn.f32.s32); overlap (tile_n 128, an even number of K blocks):
     two int32 accumulators per warpgroup, so the next K block's wgmma runs during this one's promotion (with
     tile_n 256 the two fp32 accumulators leave no registers for a second int32 one).
     Defaults: the fastest of `bench.py --sweep` on an H100 (docs/PERF.md)."""
@@ -69,8 +71,8 @@ class MosaicConfig:
             raise ValueError(f"cluster must be 1 or 2, got {self.cluster}")
         if self.tile_n not in (BLOCK, 2 * BLOCK):
             raise ValueError(f"tile_n must be {BLOCK} or {2 * BLOCK}, got {self.tile_n}")
-        if self.int_to_float not in ("magic", "convert"):
-            raise ValueError(f"int_to_float must be 'magic' or 'convert', got {self.int_to_float!r}")
+        if self.int_to_float not in ("bits", "convert"):
+            raise ValueError(f"int_to_float must be 'bits' or 'convert', got {self.int_to_float!r}")
 
 
 def shapes_supported(m: int, k: int, n: int, tile_n: int = BLOCK) -> bool:
@@ -109,10 +111,11 @@ def _grouped_tile(pid, grid_m: int, grid_n: int, group_m: int):
 
 def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consumed,
             *, grid_m, grid_n, k_steps, slots, cluster, cfg: MosaicConfig):
-    """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt] fp32,
-    bias_ref [N] in the output dtype or None, o_ref [M, N]; all in global memory."""
-    x_smem, w_smem, out_smem, bias_smem = smem
-    x_loaded, w_loaded, bias_loaded = loaded
+    """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt4] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt4] fp32 (kt4: the
+    K/128 scale columns padded to a multiple of 4 for TMA), bias_ref [N] in the output dtype or None, o_ref [M, N];
+    all in global memory."""
+    x_smem, w_smem, out_smem, bias_smem, xs_smem, ws_smem = smem
+    x_loaded, w_loaded, bias_loaded, scales_loaded = loaded
     n_sub = cfg.tile_n // BLOCK  # 128-column products per K step
     pair_m, ni = _grouped_tile(lax.axis_index("tiles"), grid_m // cluster, grid_n, max(1, cfg.group_m // cluster))
     mi = pair_m * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
@@ -122,21 +125,27 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        if bias_ref is not None:
-            @pl.when(wg == 0)
-            def _():
+
+        # The tile's scales, staged in shared memory: read from global memory in the K loop, as before, they were
+        # its only global loads, and ncu put a third of the warps' stall cycles on waits for global loads.
+        @pl.when(wg == 0)
+        def _():
+            plgpu.copy_gmem_to_smem(xs_ref.at[mi], xs_smem, scales_loaded)
+            plgpu.copy_gmem_to_smem(ws_ref.at[pl.ds(ni * n_sub, n_sub)], ws_smem, scales_loaded)
+            if bias_ref is not None:
                 plgpu.copy_gmem_to_smem(bias_ref.at[tile_cols], bias_smem, bias_loaded)
 
-        seed = MAGIC_BITS if cfg.int_to_float == "magic" else 0
+        plgpu.barrier_wait(scales_loaded)
+
         x_rows = pl.ds(wg * WG_ROWS, WG_ROWS)
 
         def to_f32(total):
-            if cfg.int_to_float == "magic":
-                return lax.bitcast_convert_type(total, f32) - MAGIC
+            if cfg.int_to_float == "bits":
+                return lax.bitcast_convert_type(total + MAGIC_BITS, f32) - MAGIC
             return total.astype(f32)
 
-        def seeded():
-            return plgpu.layout_cast(jnp.full((WG_ROWS, BLOCK), seed, jnp.int32), plgpu.Layout.WGMMA)
+        def zeros_i32():
+            return plgpu.layout_cast(jnp.zeros((WG_ROWS, BLOCK), jnp.int32), plgpu.Layout.WGMMA)
 
         def wait_loaded(slot):
             plgpu.barrier_wait(x_loaded.at[slot])
@@ -151,23 +160,23 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
         def block_sum(slot, j):
             """The exact int32 dot of this warpgroup's x rows with w's j-th 128 columns over K block `slot`,
             as fp32 [64, 128]."""
-            return to_f32(pl.run_state(lambda acc_ref: multiply(acc_ref, slot, j))(plgpu.ACC.init(seeded())))
+            return to_f32(pl.run_state(lambda acc_ref: multiply(acc_ref, slot, j))(plgpu.ACC.init(zeros_i32())))
 
-        def raw_scales(t):
-            """K block t's x scale and the n_sub w scales, as loaded from global memory."""
-            t = jnp.minimum(t, k_steps - 1)
-            return (xs_ref[mi, t],) + tuple(ws_ref[ni * n_sub + j, t] for j in range(n_sub))
+        def scales(t):
+            """sx * sw of K block t for each of the n_sub 128-column products."""
+            return tuple(xs_smem[t] * ws_smem[j, t] for j in range(n_sub))
 
         def step(t, carry):
-            """The scales of block t + 1 are loaded here and used a step later: a global load's latency would
-            otherwise stall the promotion of every K block."""
-            accs, (sx, *sws) = carry
+            """The scales of block t + 1 are read here, before the products: read after the wgmma wait, they kept
+            block j's fp32 sum alive across block j + 1's product and ptxas spilled registers (2x slower at tile_n
+            256)."""
+            accs, block_scales = carry
             slot = lax.rem(t, slots)
-            upcoming = raw_scales(t + 1)
+            upcoming = scales(jnp.minimum(t + 1, k_steps - 1))
             wait_loaded(slot)
             sums = [block_sum(slot, j) for j in range(n_sub)]
             plgpu.barrier_arrive(consumed.at[slot])
-            return tuple(acc + part * (sx * sw) for acc, part, sw in zip(accs, sums, sws)), upcoming
+            return tuple(acc + part * s for acc, part, s in zip(accs, sums, block_scales)), upcoming
 
         def overlapped(acc):
             """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs while
@@ -175,11 +184,10 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             def issue(t, acc_ref):
                 slot = lax.rem(t, slots)
                 wait_loaded(slot)
-                acc_ref[...] = seeded()
+                acc_ref[...] = zeros_i32()
                 multiply(acc_ref, slot)
 
-            def retire(t, acc_ref, acc, wait_n):
-                scale = xs_ref[mi, t] * ws_ref[ni, t]
+            def retire(t, acc_ref, acc, wait_n, scale):
                 total = plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n)
                 plgpu.barrier_arrive(consumed.at[lax.rem(t, slots)])
                 return acc + to_f32(total) * scale
@@ -187,16 +195,18 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             def run(a_ref, b_ref):
                 def pair(p, acc):
                     t = 2 * p
+                    (s0,), (s1,) = scales(t), scales(t + 1)  # read before the wgmmas (see `step`)
                     issue(t + 1, b_ref)
-                    acc = retire(t, a_ref, acc, 1)
+                    acc = retire(t, a_ref, acc, 1, s0)
                     issue(t + 2, a_ref)
-                    return retire(t + 1, b_ref, acc, 1)
+                    return retire(t + 1, b_ref, acc, 1, s1)
 
                 issue(0, a_ref)
                 out = lax.fori_loop(0, k_steps // 2 - 1, pair, acc)
+                (s0,), (s1,) = scales(k_steps - 2), scales(k_steps - 1)
                 issue(k_steps - 1, b_ref)
-                out = retire(k_steps - 2, a_ref, out, 1)
-                return retire(k_steps - 1, b_ref, out, 0)
+                out = retire(k_steps - 2, a_ref, out, 1, s0)
+                return retire(k_steps - 1, b_ref, out, 0, s1)
 
             acc_type = plgpu.ACC((WG_ROWS, BLOCK), jnp.int32)
             return pl.run_scoped(run, acc_type, acc_type)
@@ -207,7 +217,7 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
         if cfg.overlap and n_sub == 1 and k_steps % 2 == 0 and slots >= 2:
             accs = (overlapped(zeros),)
         else:
-            accs, _ = lax.fori_loop(0, k_steps, step, ((zeros,) * n_sub, raw_scales(0)))
+            accs, _ = lax.fori_loop(0, k_steps, step, ((zeros,) * n_sub, scales(0)))
         if bias_ref is not None:
             plgpu.barrier_wait(bias_loaded)
         rows = pl.ds(mi * BLOCK + wg * WG_ROWS, WG_ROWS)
@@ -250,9 +260,11 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
 
 
 def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
-    """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles."""
-    out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + config.tile_n * 4
-    fit = (SMEM_BYTES - out_bytes - 2048) // (BLOCK * BLOCK + config.tile_n * BLOCK)
+    """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles, the
+    scale rows and the barriers (with their alignment)."""
+    scale_bytes = (1 + config.tile_n // BLOCK) * 4 * (-(-k_steps // 4) * 4)
+    out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + config.tile_n * 4 + scale_bytes
+    fit = (SMEM_BYTES - out_bytes - 4096) // (BLOCK * BLOCK + config.tile_n * BLOCK)
     return max(1, min(config.max_concurrent_steps, k_steps, fit))
 
 
@@ -283,8 +295,11 @@ def int8_block_matmul(
             plgpu.SMEM((slots, config.tile_n, BLOCK), jnp.int8, transforms=int8_tile),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, BLOCK), out_dtype, transforms=out_tile),
             plgpu.SMEM((config.tile_n,), out_dtype),
+            plgpu.SMEM((kt4,), jnp.float32),
+            plgpu.SMEM((config.tile_n // BLOCK, kt4), jnp.float32),
         )
-        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots), plgpu.Barrier())
+        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots), plgpu.Barrier(),
+                  plgpu.Barrier(num_arrivals=2))  # the two scale copies
         if cluster > 1:
             consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=COMPUTE_WGS,
                                             num_barriers=slots)
@@ -298,6 +313,9 @@ def int8_block_matmul(
     # 128-row scale block, so x_scale stays) and slice the output.
     m_pad = m if m < 8 or m % 8 == 0 else m + 8 - m % 8
     x_rows = jnp.pad(x_q, ((0, m_pad - m), (0, 0))) if m_pad != m else x_q
+    # The scale rows are staged in shared memory by TMA, whose rows must be multiples of 16 bytes.
+    kt4 = -(-k_steps // 4) * 4
+    x_scale, w_scale = (jnp.pad(s, ((0, 0), (0, kt4 - k_steps))) if kt4 != k_steps else s for s in (x_scale, w_scale))
     args = [x_rows, x_scale, w_q, w_scale] + ([bias.astype(out_dtype)] if has_bias else [])
     out = plgpu.kernel(
         entry,
