@@ -173,6 +173,16 @@ def test_triton_kernel_lowers_to_triton_ir_for_an_h100(bq, bk):
     assert "__gpu$xla.gpu.triton" in text
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_quantize_kernel_lowers_to_triton_ir_for_an_h100():
+    """Pallas -> Triton IR for the q and the smoothed k quantisation at the 14B-720p shape (ragged last blocks)."""
+    x = jax.ShapeDtypeStruct((1, 75600, 40, 128), jnp.bfloat16)
+    fn = functools.partial(sage_triton.quantize, block_q=128, block_k=64)
+    text = _abstract_h100_lowering(lambda q, k, v, m: fn(q, k, v, k_mean=m), x, x, x,
+                                   jax.ShapeDtypeStruct((1, 40, 128), jnp.bfloat16))
+    assert "__gpu$xla.gpu.triton" in text and "sagesla_quantize_blocks" in text
+
+
 @pytest.mark.parametrize("bk", [64, 128])
 def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bk):
     """Pallas -> Mosaic GPU -> LLVM/NVVM at the 14B-720p shape: the Q.K^T is an s8 wgmma into s32, the P.V an
@@ -256,3 +266,24 @@ def test_gpu_quality_and_full_path_at_480p(impl):
     bf16_sla = reference.sla_attention(q, k, v, topk=0.1, block_q=128, block_k=64, proj_w=w, proj_b=bias)
     assert _rel(out, ref) < 1e-2
     assert _cos(out, bf16_sla) >= 0.998
+
+
+@pytest.mark.parametrize("l, bq, bk, d", [(1000, 128, 64, 64), (4104, 64, 128, 128), (200, 128, 64, 64)])
+@pytest.mark.parametrize("given_mean", [False, True])
+def test_quantize_kernel_is_bit_exact(l, bq, bk, d, given_mean):
+    """The Pallas-Triton q/k quantisation (interpreted on the CPU, compiled on a GPU) gives the reference's int8 codes
+    and scales exactly at ragged lengths (the last block's padding rows count as 0, also after the smoothing), with
+    keys around a large shared mean, whether it computes the key mean or is given it."""
+    q, k, v = realistic_qkv(3, l, h=3, d=d)
+    ref = sage_reference.quantize(q, k, v, block_q=bq, block_k=bk)
+    k_mean = reference.key_mean(k) if given_mean else None
+    out = sage_triton.quantize(q, k, v, block_q=bq, block_k=bk, k_mean=k_mean, interpret=not ON_GPU)
+    for got, want in zip(out, ref):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if ON_GPU and got.dtype == jnp.int8:  # XLA:GPU's fp32 division is not IEEE: a near-tie code may move by 1
+            diff = np.abs(np.asarray(got, np.int32) - np.asarray(want, np.int32))
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+        elif ON_GPU and got.dtype == jnp.float32:  # the scale's product and sum may be contracted into an FMA
+            assert _rel(got, want) <= 1e-6
+        else:
+            np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))

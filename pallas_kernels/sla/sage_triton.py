@@ -6,6 +6,10 @@ online softmax of `sage_reference` (P~ = 2^(s - m + 8.807) in (0, 448], its fp32
 e4m3(P~) . e4m3 V into a fresh fp32 block product added to the rescaled accumulator; the per-channel V scale in the
 epilogue. Triton lowers the e4m3 dot on Hopper to f16 mma.sync (e4m3 values are exact in f16), not fp8 tensor-core
 instructions: the Mosaic GPU kernel (`sage_mosaic`) is the fast path there.
+
+`quantize` prepares both kernels' operands: q and k to int8 by a Pallas-Triton pass each (one program per token
+block of one (batch, head), reading the tokens where they lie: XLA's version transposes to heads and back), v to
+e4m3 by XLA (a per-channel max over all tokens, then one scaling pass).
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
+from pallas_kernels.rounding import divide, round_to
+from pallas_kernels.sla import reference, sage_reference
+from pallas_kernels.sla.sage_reference import FP8, INT8_MAX, P_EXP_OFFSET, QK_SCALE_EPS, base2_scale
 from pallas_kernels.sla.triton import TritonConfig
 
 
@@ -90,3 +97,56 @@ def sparse_attention(
         interpret=interpret,
         name="sagesla_sparse_fwd",
     )(lut, q8, q_scale, k8, k_scale, v8, v_scale)
+
+
+def _quantize_kernel(x_ref, *refs, seq_len, block, smooth, interpret):
+    """Token block i of this (batch, head), like `sage_reference.quantize_blocks`: x_ref [L, D]; with `smooth`, a
+    mean_ref [D] whose difference from x is rounded to x's dtype first (`sage_reference.smooth_keys`); o_ref [L, D]
+    int8; s_ref [N] fp32 block scales. Rows past L count as 0 and are not stored."""
+    mean_ref, o_ref, s_ref = refs if smooth else (None, *refs)
+    i = pl.program_id(0)
+    rows = pl.ds(i * block, block)
+    ok = (i * block + jnp.arange(block) < seq_len)[:, None]
+    x = pltr.load(x_ref.at[rows, :], mask=ok, other=0.0).astype(jnp.float32)
+    if smooth:
+        x = jnp.where(ok, round_to(x - mean_ref[...].astype(jnp.float32)[None, :], x_ref.dtype, interpret), 0.0)
+    # Reduced one axis at a time: a full reduction does not trace for a GPU target under an explicit mesh.
+    scale = jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0) * np.float32(1 / INT8_MAX) + np.float32(QK_SCALE_EPS)
+    y = divide(x, jnp.full_like(x, scale), interpret)
+    # |y| < 127 (the scale exceeds max|x| / 127): y +- 0.5 truncated is y rounded half away from zero.
+    x8 = (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int32).astype(jnp.int8)
+    pltr.store(o_ref.at[rows, :], x8, mask=ok)
+    pltr.store(s_ref.at[pl.ds(i, 1)], jnp.full((1,), scale, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
+def quantize_blocks(x: jax.Array, mean: jax.Array | None = None, *, block: int, num_warps: int = 4,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`sage_reference.quantize_blocks` of x [B, L, H, D], or of x - mean (mean [B, H, D], the difference rounded to
+    x's dtype) where mean is given: (int8 [B, L, H, D], fp32 scales [B, H, ceil(L/block)]); block a power of two."""
+    b, l, h, d = x.shape
+    n = pl.cdiv(l, block)
+    seq = pl.BlockSpec((None, l, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    per_head = lambda size: pl.BlockSpec((None, None, size), lambda i, bi, hi: (bi, hi, 0))
+    smooth = mean is not None
+    return pl.pallas_call(
+        functools.partial(_quantize_kernel, seq_len=l, block=block, smooth=smooth, interpret=interpret),
+        grid=(n, b, h),
+        in_specs=[seq] + ([per_head(d)] if smooth else []),
+        out_specs=[seq, per_head(n)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sagesla_quantize_blocks",
+    )(x, *([mean.astype(x.dtype)] if smooth else []))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
+def quantize(q, k, v, *, block_q: int, block_k: int, k_mean: jax.Array | None = None, interpret: bool = False):
+    """`sage_reference.quantize` (K smoothed): (q8, q_scale, k8, k_scale, v8, v_scale). k_mean [B, H, D]: the key
+    mean where the caller has it (the key-statistics passes compute it for the block map), else `reference.key_mean`
+    here."""
+    k_mean = reference.key_mean(k) if k_mean is None else k_mean
+    q8, q_scale = quantize_blocks(q, block=block_q, interpret=interpret)
+    k8, k_scale = quantize_blocks(k, k_mean, block=block_k, interpret=interpret)
+    return (q8, q_scale, k8, k_scale, *sage_reference.quantize_v(v))
