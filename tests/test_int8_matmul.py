@@ -264,14 +264,16 @@ def test_quantizer_reproduces_the_quant_fixture(impl):
 
 # --- GEMM ----------------------------------------------------------------------------------------------------------
 
-def _check_block_sums_exact(impl, m, k, n):
+def _check_block_sums_exact(impl, m, k, n, gemm=None):
     """With unit scales every per-block int32 sum (up to 128 * 128 * 128 = 2^21) and their fp32 total (up to 2^24)
-    are exact integers: the result must equal the int64 product bit for bit, extremes (-128 * -128) included."""
+    are exact integers: the result must equal the int64 product bit for bit, extremes (-128 * -128) included.
+    gemm: a GEMM to call instead of implementation `impl`'s."""
     x_q, _, w_q, _ = _random_operands(m + k + n, m, k, n)
     x_q = x_q.at[0].set(-128)
     w_q = w_q.at[0].set(-128).at[1].set(127)
     ones = lambda r: jnp.ones((-(-r // 128), -(-k // 128)), jnp.float32)
-    y = _gemm(impl, x_q, ones(m), w_q, ones(n), out_dtype=jnp.float32)
+    gemm = gemm or functools.partial(_gemm, impl)
+    y = gemm(x_q, ones(m), w_q, ones(n), out_dtype=jnp.float32)
     want = np.asarray(x_q, np.int64) @ np.asarray(w_q, np.int64).T
     assert want[0, 0] == k * 128 * 128
     np.testing.assert_array_equal(np.asarray(y), want.astype(np.float32))
@@ -683,17 +685,27 @@ def test_gpu_block_sums_exact_at_bench_rows(impl):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_mosaic_bits_promotion_exact_at_extreme_sums(overlap):
+    """int_to_float="bits" (MAGIC_BITS + sum read as a float) at block sums of +-2^21, serial and overlapped loops,
+    at a K whose scale rows are padded for TMA (6 blocks: even, so overlap=True takes the overlapped loop)."""
+    assert ON_GPU, "needs a GPU"
+    cfg = mosaic.MosaicConfig(tile_n=128, overlap=overlap, int_to_float="bits")
+    _check_block_sums_exact("mosaic", 1000, 768, 256, gemm=functools.partial(mosaic.int8_block_matmul, config=cfg))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tile_n, overlap, int_to_float", [(128, False, "bits"), (128, True, "bits"),
                                                             (256, False, "bits"), (256, False, "convert"),
                                                             (128, True, "convert")])
-@pytest.mark.parametrize("m", [1, 100, 1000])
-def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, tile_n, overlap, int_to_float):
+@pytest.mark.parametrize("m, k", [(1, 1536), (100, 1536), (1000, 1536), (1000, 640)])
+def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, k, tile_n, overlap, int_to_float):
     """Rows that fill no whole 128-row tile (TMA drops the stores past M), both CTA widths, the serial and the
     overlapped K loops, both int32 -> fp32 promotions, and the bias epilogue: the bf16 output with bias is exactly
-    the kernel's fp32 output rounded, then + bias in bf16."""
+    the kernel's fp32 output rounded, then + bias in bf16; K = 640 pads the scale rows for TMA (5 -> 8 columns)."""
     assert ON_GPU, "needs a GPU"
     cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap, int_to_float=int_to_float)
-    x_q, x_scale, w_q, w_scale = _random_operands(m, m, 1536, 512)
+    x_q, x_scale, w_q, w_scale = _random_operands(m, m, k, 512)
     bias = jnp.asarray(np.random.default_rng(m).standard_normal(512) * 100, jnp.bfloat16)
     y32 = mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32, config=cfg)
     ref = reference.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32)
@@ -734,9 +746,9 @@ def test_gpu_w8a8_dit_kernels_match_reference_at_real_width(monkeypatch):
 def test_mosaic_gemm_lowers_for_an_h100(cluster):
     """Pallas -> Mosaic GPU -> LLVM/NVVM without a GPU (an abstract H100 stands in): with a 2-CTA cluster the ring
     releases arrive on both CTAs' barriers (mapa + a shared::cluster arrive); an odd row-tile count (M = 300: 3 tiles)
-    falls back to single CTAs."""
+    falls back to single CTAs; K = 640 pads the scale rows staged by TMA."""
     gemm = functools.partial(mosaic.int8_block_matmul, config=mosaic.MosaicConfig(cluster=cluster))
-    texts = [_lowered_for_an_h100(gemm, *_shapes_only(m, 1536, 512)) for m in (32760, 300)]
+    texts = [_lowered_for_an_h100(gemm, *_shapes_only(m, k, 512)) for m, k in ((32760, 1536), (300, 640))]
     assert all("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in t for t in texts)
     remote_arrive = "mbarrier.arrive.shared::cluster.b64"
     assert (remote_arrive in texts[0]) == (cluster == 2) == ("mapa.shared::cluster" in texts[0])

@@ -269,14 +269,19 @@ def test_gpu_quality_and_full_path_at_480p(impl):
 
 
 @pytest.mark.parametrize("l, bq, bk, d", [(1000, 128, 64, 64), (4104, 64, 128, 128), (200, 128, 64, 64)])
-@pytest.mark.parametrize("given_mean", [False, True])
-def test_quantize_kernel_is_bit_exact(l, bq, bk, d, given_mean):
+@pytest.mark.parametrize("mean", ["computed", "given", "other fp32"])
+def test_quantize_kernel_is_bit_exact(l, bq, bk, d, mean):
     """The Pallas-Triton q/k quantisation (interpreted on the CPU, compiled on a GPU) gives the reference's int8 codes
     and scales exactly at ragged lengths (the last block's padding rows count as 0, also after the smoothing), with
-    keys around a large shared mean, whether it computes the key mean or is given it."""
+    keys around a large shared mean: computing the key mean itself, given it, or given another (fp32) mean, which it
+    rounds to k's dtype and smooths with."""
     q, k, v = realistic_qkv(3, l, h=3, d=d)
-    ref = sage_reference.quantize(q, k, v, block_q=bq, block_k=bk)
-    k_mean = reference.key_mean(k) if given_mean else None
+    ref = list(sage_reference.quantize(q, k, v, block_q=bq, block_k=bk))
+    k_mean = {"computed": None, "given": reference.key_mean(k),
+              "other fp32": reference.key_mean(k).astype(jnp.float32) + 0.37}[mean]
+    if mean == "other fp32":
+        k_s = (k.astype(jnp.float32) - k_mean.astype(k.dtype).astype(jnp.float32)[:, None]).astype(k.dtype)
+        ref[2:4] = jax.jit(sage_reference.quantize_blocks, static_argnums=1)(k_s, bk)  # compiled like `quantize`
     out = sage_triton.quantize(q, k, v, block_q=bq, block_k=bk, k_mean=k_mean, interpret=not ON_GPU)
     for got, want in zip(out, ref):
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -287,3 +292,9 @@ def test_quantize_kernel_is_bit_exact(l, bq, bk, d, given_mean):
             assert _rel(got, want) <= 1e-6
         else:
             np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_quantize_kernel_refuses_other_blocks():
+    q = jnp.zeros((1, 200, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="power-of-two block and head_dim; got block=96"):
+        sage_triton.quantize_blocks(q, block=96, interpret=True)

@@ -12,8 +12,8 @@ Both operands stay K-contiguous ([M, K] and [N, K]): 8-bit wgmma takes only K-ma
 Every 128 x 128 piece of the output is one scale block, so sx * sw is one scalar per K step and 128 columns.
 int32 -> fp32 is exact either way (|block sum| <= 2^21): cvt.rn.f32.s32 (`int_to_float="convert"`, the default), or
 "bits": add the bits of 1.5 * 2^23 (`MAGIC_BITS`) to the sum, read the result as the float 1.5 * 2^23 + sum and
-subtract 1.5 * 2^23 (an integer add and an fp32 subtraction instead of the conversion; measured 3-12% slower on an
-H100, docs/PERF.md).
+subtract 1.5 * 2^23 (an integer add and an fp32 subtraction instead of the conversion; slower on an H100 in 11 of 12
+comparisons, by 1-15%: docs/PERF.md).
 The scales of the CTA's tile (one x row, n_sub w rows of K/128 each) are staged in shared memory by TMA at the start.
 Tiles are visited in groups of `group_m` row tiles per column tile, so the x rows of a group stay in L2.
 With `cluster=2` two CTAs of a cluster compute vertically adjacent tiles (rows mi and mi + 1 of one column tile) and
@@ -57,7 +57,8 @@ class MosaicConfig:
     "convert" (cvt.rn.f32.s32); overlap (tile_n 128, an even number of K blocks):
     two int32 accumulators per warpgroup, so the next K block's wgmma runs during this one's promotion (with
     tile_n 256 the two fp32 accumulators leave no registers for a second int32 one).
-    Defaults: the fastest of `bench.py --sweep` on an H100 (docs/PERF.md)."""
+    Defaults: the fastest of `bench.py --sweep` on an H100, int_to_float from separate A/B runs (docs/PERF.md);
+    with the staged scales, tile_n 256 and a bf16 output, shared memory caps the ring at 3 slots."""
 
     tile_n: int = 256
     max_concurrent_steps: int = 5
@@ -260,8 +261,8 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
 
 
 def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
-    """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles, the
-    scale rows and the barriers (with their alignment)."""
+    """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles and the
+    scale rows; the 4096-byte margin covers the barriers and the rounding of every allocation up to 1024 bytes."""
     scale_bytes = (1 + config.tile_n // BLOCK) * 4 * (-(-k_steps // 4) * 4)
     out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + config.tile_n * 4 + scale_bytes
     fit = (SMEM_BYTES - out_bytes - 4096) // (BLOCK * BLOCK + config.tile_n * BLOCK)
@@ -287,6 +288,9 @@ def int8_block_matmul(
     cluster = config.cluster if grid_m % config.cluster == 0 else 1
     int8_tile, out_tile = _tiling(jnp.int8), _tiling(out_dtype)
     has_bias = bias is not None
+    # The scale rows are staged in shared memory by TMA, whose rows must be multiples of 16 bytes.
+    kt4 = -(-k_steps // 4) * 4
+    x_scale, w_scale = (jnp.pad(s, ((0, 0), (0, kt4 - k_steps))) if kt4 != k_steps else s for s in (x_scale, w_scale))
 
     def entry(xq_ref, xs_ref, wq_ref, ws_ref, *rest):
         bias_ref, o_ref = (rest[0], rest[1]) if has_bias else (None, rest[0])
@@ -313,9 +317,6 @@ def int8_block_matmul(
     # 128-row scale block, so x_scale stays) and slice the output.
     m_pad = m if m < 8 or m % 8 == 0 else m + 8 - m % 8
     x_rows = jnp.pad(x_q, ((0, m_pad - m), (0, 0))) if m_pad != m else x_q
-    # The scale rows are staged in shared memory by TMA, whose rows must be multiples of 16 bytes.
-    kt4 = -(-k_steps // 4) * 4
-    x_scale, w_scale = (jnp.pad(s, ((0, 0), (0, kt4 - k_steps))) if kt4 != k_steps else s for s in (x_scale, w_scale))
     args = [x_rows, x_scale, w_q, w_scale] + ([bias.astype(out_dtype)] if has_bias else [])
     out = plgpu.kernel(
         entry,

@@ -7,9 +7,9 @@ one Pallas-Triton pass over q and k (`triton.pooled_blocks`) and the top-k a Pal
 sparse branch (where the time goes), compute the linear branch's per-head d x d state and the block map's key mean
 in one pass over k, v (`mosaic.key_statistics` by wgmma with the Mosaic kernels, else `triton.key_statistics`),
 and fuse the linear output, proj_l and the final sum into one more
-(`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q
-and k (int8 per block, k mean-smoothed with the key-statistics pass's mean) by a Pallas-Triton pass each and v
-(e4m3 per channel) in XLA (`sage_triton.quantize`), and runs its sparse branch on those operands.
+(`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises by
+`sage_triton.quantize`: q and k to int8 per block by a Pallas-Triton pass each (k mean-smoothed with the block map's
+key mean), v to e4m3 per channel in XLA; its sparse branch runs on those operands.
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ def sage_sla_attention(
         return sage_reference.sage_sla_attention(q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=proj_w,
                                                  proj_b=proj_b)
     stats = _key_statistics(impl, k, v, proj_w, interpret)
-    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=None if stats is None else stats[2])
-    ops = sage_triton.quantize(q, k, v, block_q=block_q, block_k=block_k, k_mean=None if stats is None else stats[2],
-                               interpret=interpret)
+    k_mean = reference.key_mean(k) if stats is None else stats[2]  # one key mean for the block map and the smoothing
+    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=k_mean)
+    ops = sage_triton.quantize(q, k, v, block_q=block_q, block_k=block_k, k_mean=k_mean, interpret=interpret)
     kernel = sage_triton.sparse_attention if impl == "triton" else sage_mosaic.sparse_attention
     o_sparse = kernel(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype, interpret=interpret)
     return _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret)

@@ -175,11 +175,14 @@ def cos_sim(a, b) -> float:
 
 def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_ms, sla_out, with_reference):
     """SageSLA as the DiT calls it with each sparse kernel (with its cos-sim to a bf16 SLA kernel's output), the
-    kernel alone on quantised operands, the quantisation, and (at the two smaller shapes) the pure-XLA reference."""
+    kernel alone on quantised operands, the quantisation (as the kernel paths run it, and all in XLA), and (at the
+    two smaller shapes) the pure-XLA reference."""
     q, k, v, w, b = qkvwb
     rows, results = [], {}
-    quantize = jax.jit(functools.partial(sage_reference.quantize, block_q=block_q, block_k=block_k))
-    ops = quantize(q, k, v)
+    quantize = jax.jit(functools.partial(sage_triton.quantize, block_q=block_q, block_k=block_k))
+    xla_quantize = jax.jit(functools.partial(sage_reference.quantize, block_q=block_q, block_k=block_k))
+    k_mean = reference.key_mean(k)  # the dispatcher takes it from the key-statistics pass, outside the quantisation
+    ops = quantize(q, k, v, k_mean=k_mean)
     for name, kernel in SAGE_KERNELS.items():
         full = jax.jit(functools.partial(sla.sage_sla_attention, topk=topk, block_q=block_q, block_k=block_k,
                                          implementation=name))
@@ -195,8 +198,10 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
         rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {name} SageSLA sparse kernel alone",
                          ms=bench(sparse, *ops, lut, iters=iters)))
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
-    rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (XLA)",
-                     ms=bench(quantize, q, k, v, iters=iters)))
+    rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (Triton q/k, XLA v)",
+                     ms=bench(lambda q, k, v, m: quantize(q, k, v, k_mean=m), q, k, v, k_mean, iters=iters)))
+    rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (all XLA)",
+                     ms=bench(xla_quantize, q, k, v, iters=iters)))
     if with_reference and h * l <= 40 * 32760:
         ref_fn = jax.jit(lambda q, k, v, w, b: sage_reference.sage_sla_attention(
             q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=w, proj_b=b))

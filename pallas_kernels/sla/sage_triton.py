@@ -113,7 +113,7 @@ def _quantize_kernel(x_ref, *refs, seq_len, block, smooth, interpret):
     # Reduced one axis at a time: a full reduction does not trace for a GPU target under an explicit mesh.
     scale = jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0) * np.float32(1 / INT8_MAX) + np.float32(QK_SCALE_EPS)
     y = divide(x, jnp.full_like(x, scale), interpret)
-    # |y| < 127 (the scale exceeds max|x| / 127): y +- 0.5 truncated is y rounded half away from zero.
+    # |y| < 127.5 (the scale exceeds max|x| / 127 but for rounding): y +- 0.5 truncated is y rounded half away from 0.
     x8 = (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int32).astype(jnp.int8)
     pltr.store(o_ref.at[rows, :], x8, mask=ok)
     pltr.store(s_ref.at[pl.ds(i, 1)], jnp.full((1,), scale, jnp.float32))
@@ -125,6 +125,9 @@ def quantize_blocks(x: jax.Array, mean: jax.Array | None = None, *, block: int, 
     """`sage_reference.quantize_blocks` of x [B, L, H, D], or of x - mean (mean [B, H, D], the difference rounded to
     x's dtype) where mean is given: (int8 [B, L, H, D], fp32 scales [B, H, ceil(L/block)]); block a power of two."""
     b, l, h, d = x.shape
+    if block < 1 or block & (block - 1) or d & (d - 1):
+        raise ValueError(f"the Triton quantiser needs a power-of-two block and head_dim; got block={block}, "
+                         f"head_dim={d} (use sage_reference.quantize_blocks)")
     n = pl.cdiv(l, block)
     seq = pl.BlockSpec((None, l, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     per_head = lambda size: pl.BlockSpec((None, None, size), lambda i, bi, hi: (bi, hi, 0))
