@@ -260,10 +260,16 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
                 plgpu.barrier_wait(consumed.at[lax.rem(t, slots)])
 
 
+def _scale_cols(k_steps: int) -> int:
+    """The K/128 scale columns padded to a multiple of 4: the scale rows are staged in shared memory by TMA, whose
+    rows must be multiples of 16 bytes."""
+    return -(-k_steps // 4) * 4
+
+
 def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
     """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles and the
     scale rows; the 4096-byte margin covers the barriers and the rounding of every allocation up to 1024 bytes."""
-    scale_bytes = (1 + config.tile_n // BLOCK) * 4 * (-(-k_steps // 4) * 4)
+    scale_bytes = (1 + config.tile_n // BLOCK) * 4 * _scale_cols(k_steps)
     out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + config.tile_n * 4 + scale_bytes
     fit = (SMEM_BYTES - out_bytes - 4096) // (BLOCK * BLOCK + config.tile_n * BLOCK)
     return max(1, min(config.max_concurrent_steps, k_steps, fit))
@@ -288,8 +294,7 @@ def int8_block_matmul(
     cluster = config.cluster if grid_m % config.cluster == 0 else 1
     int8_tile, out_tile = _tiling(jnp.int8), _tiling(out_dtype)
     has_bias = bias is not None
-    # The scale rows are staged in shared memory by TMA, whose rows must be multiples of 16 bytes.
-    kt4 = -(-k_steps // 4) * 4
+    kt4 = _scale_cols(k_steps)
     x_scale, w_scale = (jnp.pad(s, ((0, 0), (0, kt4 - k_steps))) if kt4 != k_steps else s for s in (x_scale, w_scale))
 
     def entry(xq_ref, xs_ref, wq_ref, ws_ref, *rest):
