@@ -103,12 +103,13 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
 
             s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, block_k), jnp.int32))
             plgpu.barrier_arrive(k_consumed.at[slot])
-            s = s.astype(jnp.float32) * scale
+            s = s.astype(jnp.float32)
             if masked:
                 s = jnp.where(col < valid, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
+            # The scale (> 0) goes on the row max and inside exp2's argument (one fma per logit), as in mosaic.py.
+            m_new = jnp.maximum(m, s.max(axis=1) * scale)
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new - P_EXP_OFFSET, s.shape, [0]))
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new - P_EXP_OFFSET, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
             p_smem.at[wg][...] = p.astype(FP8)
