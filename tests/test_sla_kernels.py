@@ -250,7 +250,7 @@ def _key_statistics(impl, k, v, chunk=256):
     ("triton", jnp.bfloat16, 1e-2, (2, 333, 3, 64), None),
     ("mosaic", jnp.bfloat16, 1e-2, (2, 1000, 2, 128), 256),  # 4 chunks of 256 tokens, the last 232 (a ragged step)
     ("mosaic", jnp.float16, 1e-2, (1, 520, 3, 128), 256),
-    ("mosaic", jnp.bfloat16, 1e-2, (1, 1000, 2, 128), 1024),  # one chunk of 8 steps: the two-slot ring refills
+    ("mosaic", jnp.bfloat16, 1e-2, (1, 1000, 2, 128), 1024),  # one chunk of 8 steps: the three-slot ring refills
 ])
 def test_key_statistics_match_reference(impl, dtype, tol, shape, chunk):
     """The one pass over k, v gives the linear branch's state and the block map's key mean: an fp32 sum of the
@@ -269,6 +269,19 @@ def test_key_statistics_match_reference(impl, dtype, tol, shape, chunk):
         np.testing.assert_array_equal(triton.linear_state(k, v, rows=96, interpret=not ON_GPU)[0], kv)
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_mosaic_key_statistics_ring_depth_changes_nothing(slots):
+    """Shallower rings than the default's three slots refill every slot more often (phi written over each K tile
+    before the slot is released and refilled): the same sums, bit for bit."""
+    _, k, v = _inputs(5, 1, 1000, 2, 128, jnp.bfloat16)
+    want = mosaic.key_statistics(k, v, chunk=1024, interpret=not ON_GPU)
+    got = mosaic.key_statistics(k, v, chunk=1024, slots=slots, interpret=not ON_GPU)
+    if not ON_GPU:
+        assert not _races_found(), "the Mosaic GPU interpreter found a data race"
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def test_mosaic_key_statistics_refuses_other_shapes():
     k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
     k128 = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
@@ -280,8 +293,8 @@ def test_mosaic_key_statistics_refuses_other_shapes():
         mosaic.key_statistics(k128, k128, chunk=200, interpret=True)
     with pytest.raises(ValueError, match="same shape and dtype"):
         mosaic.key_statistics(k128, k128.astype(jnp.float16), interpret=True)
-    with pytest.raises(ValueError, match="slots must be 1 to 2"):
-        mosaic.key_statistics(k128, k128, slots=3, interpret=True)
+    with pytest.raises(ValueError, match="slots must be 1 to 3"):
+        mosaic.key_statistics(k128, k128, slots=4, interpret=True)
 
 
 def test_mosaic_key_statistics_chunks_fill_the_sms():

@@ -22,7 +22,8 @@ The linear branch's output side (`linear`: the per-head state kv, k_sum and proj
 each warpgroup then also computes phi(q) from its Q tile, phi(q) kv and proj_l's product by two more wgmmas, and
 writes o_sparse + proj_l(o_linear) (`triton.linear_epilogue`'s rounding), which saves that pass over q and o_sparse.
 kv and proj_l's weight need no shared memory of their own: the memory warpgroup copies them into the ring slot of
-the second-to-last step once it is released, so they arrive while the last step computes.
+the second-to-last step once it is released, so they arrive while the last step computes, and the epilogue computes
+phi(q) and the denominator before it waits for them.
 Launch order: Pallas-Mosaic GPU reverses the grid onto CUDA's (its last axis becomes blockIdx.x, the fastest), so
 grid (heads, q_blocks, batch) runs the query blocks of one head together: the ~130 resident CTAs read one head's K/V
 (16 MB at L=32,760), which stays in L2. The other order, heads fastest, measured 1.2x (H=12) to 1.6x (H=40) slower
@@ -91,10 +92,12 @@ def ping_pong_turn(schedule) -> None:
     plgpu.barrier_wait(schedule)
 
 
-def _linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_smem):
+def _linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_smem, tiles_loaded):
     """o_sparse + proj_l(phi(q) kv / (1e-5 + phi(q) . k_sum)) for this warpgroup's rows, rounded like
     `triton.linear_epilogue`. o_sparse [64, D] in the output dtype (registers); q_smem [64, D]; kv_smem [D, D]
-    (in, out); w_smem [D, D] (proj_l's [out, in]); ksum/bias_smem [D]; all in shared memory."""
+    (in, out); w_smem [D, D] (proj_l's [out, in]); ksum/bias_smem [D]; all in shared memory. tiles_loaded: the
+    barrier of the kv and weight copies, which land during the last step: phi(q) and the denominator are computed
+    before waiting for them."""
     dt, f32 = o_sparse.dtype, jnp.float32
     rows = lambda x: lax.broadcast_in_dim(x, o_sparse.shape, [0])
     cols = lambda x: lax.broadcast_in_dim(x, o_sparse.shape, [1])
@@ -114,6 +117,7 @@ def _linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_smem):
     k_sum = plgpu.load(ksum_smem, layout=plgpu.Layout.WGMMA.reduce(0)).astype(f32)
     den = (phi.astype(f32) * cols(k_sum)).astype(dt).astype(f32).sum(axis=1).astype(dt)
     den = (den.astype(f32) + float(np.asarray(1e-5, dt))).astype(dt).astype(f32)  # + 1e-5 in dt, as in Triton
+    plgpu.barrier_wait(tiles_loaded)
     o_linear = (product(phi, kv_smem).astype(dt).astype(f32) * rows(1.0 / den)).astype(dt)
     bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0)).astype(f32)
     proj = (product(o_linear, w_smem.transpose((1, 0))) + cols(bias)).astype(dt)
@@ -126,7 +130,7 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
     k_sum [B, H, D], proj_w [D, D], proj_b [D]) in global memory. Step s covers `per_step` selected key blocks:
     rows [j * block_k, (j + 1) * block_k) of its ring slot hold block lut[per_step * s + j]."""
     qo_smem, k_smem, v_smem, ksum_smem, bias_smem = smem
-    k_loaded, v_loaded, q_loaded, lin_loaded = loaded
+    k_loaded, v_loaded, q_loaded, vec_loaded, lin_loaded = loaded
     k_consumed, v_consumed = consumed
     bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
@@ -207,12 +211,14 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
         pl.when(wg == 0)(take_turn)
         out = (acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])).astype(q_smem.dtype)
         if lin_refs is not None:
-            plgpu.barrier_wait(lin_loaded)
-            out = _linear_epilogue(out, q_smem, lin_tile(k_smem), lin_tile(v_smem), ksum_smem, bias_smem)
+            plgpu.barrier_wait(vec_loaded)
+            out = _linear_epilogue(out, q_smem, lin_tile(k_smem), lin_tile(v_smem), ksum_smem, bias_smem, lin_loaded)
         q_smem[...] = out
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, rows, hi])
-        plgpu.wait_smem_to_gmem(0)
+        # Only until the shared memory is read: the writes land by the kernel's end, as in CUTLASS's
+        # epilogues; waiting for them held each CTA's exit and the next CTA's start on this SM.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
@@ -235,8 +241,8 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
 
         if lin_refs is not None:
             kv_ref, ksum_ref, w_ref, bias_ref = lin_refs
-            plgpu.copy_gmem_to_smem(ksum_ref.at[bi, hi], ksum_smem, lin_loaded)
-            plgpu.copy_gmem_to_smem(bias_ref, bias_smem, lin_loaded)
+            plgpu.copy_gmem_to_smem(ksum_ref.at[bi, hi], ksum_smem, vec_loaded)
+            plgpu.copy_gmem_to_smem(bias_ref, bias_smem, vec_loaded)
         fill_kv_ring(fetch(k_ref, k_smem, k_loaded), fetch(v_ref, v_smem, v_loaded), k_consumed, v_consumed,
                      slots=slots, n_steps=n_steps)
         if lin_refs is not None:
@@ -312,7 +318,7 @@ def sparse_attention(
         # second copy's bytes are expected.
         loaded = (plgpu.Barrier(num_arrivals=per_step, num_barriers=slots),
                   plgpu.Barrier(num_arrivals=per_step, num_barriers=slots), plgpu.Barrier(num_barriers=COMPUTE_WGS),
-                  plgpu.Barrier(num_arrivals=4))  # the linear epilogue's four copies
+                  plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2))  # the epilogue's k_sum, bias; kv, w
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
         kernel = functools.partial(_kernel, lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, seq_len=l,
                                    block_k=block_k, n_sel=n_sel, per_step=per_step, slots=slots,
@@ -335,7 +341,7 @@ def sparse_attention(
 STATE_STEP = COMPUTE_WGS * WG_ROWS  # tokens per key-statistics step: 64 rows of phi(k) per compute warpgroup
 ONES_COLS = 64  # columns of the all-ones B operand whose products sum phi(k) and k over tokens
 MIN_STATE_STEPS = 16  # steps per key-statistics chunk at least (state_chunk)
-MAX_STATE_SLOTS = 2  # K/V ring depth of the key-statistics pass: a third slot needs 247,920 bytes of shared memory
+MAX_STATE_SLOTS = 3  # K/V ring depth of the key-statistics pass: a fourth slot exceeds shared memory
 
 
 def state_shapes_supported(k: jax.Array) -> bool:
@@ -370,14 +376,16 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, s
     """Partial sums over tokens [c * chunk, (c + 1) * chunk) of one (batch, head), c = the CTA's chunk: kv_ref
     [D, D] block of phi(k)^T v, ksum_ref [D] of phi(k)'s columns, kcol_ref [D] of k's, fp32 (outputs [N, B, H, ...]).
 
-    Per 128-token step, compute warpgroup w turns its 64 rows of the K tile into phi(k) (a row softmax in fp32,
-    rounded to k's dtype, zero past L) in a shared tile; once both halves are written, w takes the D-rows
-    [64w, 64w + 64) of all three sums by wgmma over the step's 128 tokens: phi^T v, phi^T 1 and k^T 1 (the
-    column sums as products with an all-ones tile: the accumulators stay on the tensor cores' side, where a
-    column reduction of a register tile would cross warps every step). The memory warpgroup streams K and V by
-    TMA into a ring of `slots`."""
-    k_smem, v_smem, phi_smem, ones_smem = smem
-    k_loaded, v_loaded, k_consumed, v_consumed, phi_ready, phi_free = barriers
+    Per 128-token step, compute warpgroup w takes the D-rows [64w, 64w + 64) of all three sums by wgmma over the
+    step's 128 tokens (the column sums as products with an all-ones tile: the accumulators stay on the tensor cores'
+    side, where a column reduction of a register tile would cross warps every step). First k^T 1 from the K tile
+    as loaded; meanwhile w turns its 64 rows of the tile into phi(k) (a row softmax in fp32, rounded to k's dtype,
+    zero past L) in registers. Once both warpgroups' k^T 1 products are done (kc_done), each writes its phi rows
+    over its K rows, and once both halves are written (phi_ready), phi^T v and phi^T 1 read the slot. phi needs no
+    shared memory of its own, which leaves room for a third ring slot: the memory warpgroup streams K and V by TMA
+    into a ring of `slots`, and this pass reads k and v at close to what the card streams them at."""
+    k_smem, v_smem, ones_smem = smem
+    k_loaded, v_loaded, k_consumed, v_consumed, kc_done, phi_ready = barriers
     wg = lax.axis_index("wg")
     ci, bi, hi = lax.axis_index("chunks"), lax.axis_index("batch"), lax.axis_index("heads")
     start = ci * chunk
@@ -391,6 +399,9 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, s
         mine = pl.ds(wg * WG_ROWS, WG_ROWS)
         ones_smem.at[mine][...] = plgpu.layout_cast(jnp.ones((WG_ROWS, ONES_COLS), ones_smem.dtype),
                                                     plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(kc_done)
+        plgpu.barrier_wait(kc_done)  # both halves of the ones tile are written before the first product reads it
 
         def sums(acc_refs):
             kv_acc, ks_acc, kc_acc = acc_refs
@@ -398,29 +409,27 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, s
             @pl.loop(0, n_steps)
             def _step(t):
                 slot = lax.rem(t, slots)
+                tile = k_smem.at[slot]
                 plgpu.barrier_wait(k_loaded.at[slot])
-                x = plgpu.load(k_smem.at[slot, mine], layout=plgpu.Layout.WGMMA).astype(f32)
+                plgpu.wgmma(kc_acc, tile.at[:, mine].transpose((1, 0)), ones_smem)
+                x = plgpu.load(tile.at[mine], layout=plgpu.Layout.WGMMA).astype(f32)
                 row = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA)
                 e = jnp.exp(x - lax.broadcast_in_dim(x.max(axis=1), x.shape, [0]))
                 # One reciprocal per row, like the Triton pass (whose bf16 phi matched the division's on an H100).
                 phi = e * lax.broadcast_in_dim(1.0 / e.sum(axis=1), x.shape, [0])
                 phi = jnp.where(start + t * STATE_STEP + wg * WG_ROWS + row < seq_len, phi, 0.0)
-
-                @pl.when(t > 0)
-                def _():
-                    plgpu.barrier_wait(phi_free)  # both warpgroups' products of step t - 1 are done
-
-                phi_smem.at[mine][...] = phi.astype(phi_smem.dtype)
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(kc_done)
+                plgpu.barrier_wait(kc_done)  # neither warpgroup's k^T 1 reads the K rows any more
+                tile.at[mine][...] = phi.astype(tile.dtype)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(phi_ready)
                 plgpu.barrier_wait(phi_ready)
                 plgpu.barrier_wait(v_loaded.at[slot])
-                phi_t = phi_smem.at[:, mine].transpose((1, 0))
+                phi_t = tile.at[:, mine].transpose((1, 0))
                 plgpu.wgmma(kv_acc, phi_t, v_smem.at[slot])
                 plgpu.wgmma(ks_acc, phi_t, ones_smem)
-                plgpu.wgmma(kc_acc, k_smem.at[slot, :, mine].transpose((1, 0)), ones_smem)
                 plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(phi_free)
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 plgpu.barrier_arrive(v_consumed.at[slot])
 
@@ -428,7 +437,6 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, s
 
         kv, ks, kc = pl.run_scoped(sums, (plgpu.ACC((WG_ROWS, d), f32), plgpu.ACC((WG_ROWS, ONES_COLS), f32),
                                           plgpu.ACC((WG_ROWS, ONES_COLS), f32)))
-        plgpu.barrier_wait(phi_free)  # the last step's release, observed (the interpreter checks every phase)
         kv_ref.at[ci, bi, hi, mine][...] = kv
         ksum_ref.at[ci, bi, hi, mine][...] = ks.max(axis=1)  # every column holds the sum
         kcol_ref.at[ci, bi, hi, mine][...] = kc.max(axis=1)
@@ -461,15 +469,15 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, s
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "slots", "interpret"))
-def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slots: int = 2,
+def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slots: int = MAX_STATE_SLOTS,
                    interpret: bool = False):
     """`triton.key_statistics` by wgmma: (kv [B, H, D, D], k_sum [B, H, D], k_mean [B, H, D]) in k's dtype, from
     k, v [B, L, H, D] (`state_shapes_supported`: each compute warpgroup takes 64 of the 128 rows of kv).
 
     Each CTA sums `chunk` tokens of one (batch, head) (default `state_chunk`); the fp32 partial sums are added in
     XLA and rounded once. interpret=True runs it in the Mosaic GPU interpreter on the CPU (tests), which checks the
-    values and the TMA/barrier protocol but not the wgmma operand reads (its wgmma is synchronous): the phi tile's
-    reuse (phi_free) is exercised on the GPU only."""
+    values and the TMA/barrier protocol but not the wgmma operand reads (its wgmma is synchronous): phi written over
+    the K rows while the other warpgroup's k^T 1 may still read them (kc_done) is exercised on the GPU only."""
     b, l, h, d = k.shape
     if not state_shapes_supported(k):
         raise ValueError(f"the Mosaic key-statistics pass takes bf16/fp16, head_dim 128 and L a multiple of 8; got "
@@ -487,7 +495,6 @@ def key_statistics(k: jax.Array, v: jax.Array, *, chunk: int | None = None, slot
     def entry(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref):
         smem = (plgpu.SMEM((slots, STATE_STEP, d), k.dtype, transforms=tile),
                 plgpu.SMEM((slots, STATE_STEP, d), v.dtype, transforms=tile),
-                plgpu.SMEM((STATE_STEP, d), k.dtype, transforms=tile),
                 plgpu.SMEM((STATE_STEP, ONES_COLS), k.dtype, transforms=tile))
         barriers = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
