@@ -231,7 +231,9 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             out_smem.at[wg][...] = y
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg], o_ref.at[rows, pl.ds(ni * cfg.tile_n + j * BLOCK, BLOCK)])
-        plgpu.wait_smem_to_gmem(0)
+        # Only until the shared memory is read: the writes land by the kernel's end, as in CUTLASS's
+        # epilogues; waiting for them held each CTA's exit and the next CTA's start on this SM.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():

@@ -141,7 +141,9 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
         o_smem.at[wg][...] = out.astype(o_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[bi, rows, hi])
-        plgpu.wait_smem_to_gmem(0)
+        # Only until the shared memory is read: the writes land by the kernel's end, as in CUTLASS's
+        # epilogues; waiting for them held each CTA's exit and the next CTA's start on this SM.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
