@@ -181,7 +181,8 @@ def sparse_attention(
     config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
 ) -> jax.Array:
     """`sage_reference.sparse_attention` as a Mosaic GPU kernel; same operands (`sage_reference.quantize`) and
-    result. block_q must be 128 (two 64-row warpgroups), block_k 64 or 128.
+    result. block_q must be 128 (two 64-row warpgroups), block_k 64 or 128. q_scale and k_scale must be positive,
+    as the quantiser's are (>= 1e-7): the masked logits are -inf before the scale multiplies them.
 
     interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
     its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering."""
