@@ -256,14 +256,22 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
             plgpu.copy_gmem_to_smem(w_ref, lin_tile(v_smem), lin_loaded)
 
 
-def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_steps: int) -> None:
+def fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, *, slots: int, n_steps: int | jax.Array) -> None:
     """The memory warpgroup's loop over the n_steps steps (one selected key block each, or two in this module's
-    pair steps): fill the `slots` ring, then refill slot t % slots with step t once the compute
-    warpgroups released it. fetch_k/fetch_v(t, slot) issue the TMA copies of step t.
-    K and V of a slot are released separately (S = QK^T finishes before P.V), so they are refilled separately."""
+    pair steps; 128 tokens in the key-statistics pass): fill the `slots` ring, then refill slot t % slots with step
+    t once the compute warpgroups released it. fetch_k/fetch_v(t, slot) issue the TMA copies of step t.
+    K and V of a slot are released separately (S = QK^T finishes before P.V), so they are refilled separately.
+    n_steps is static in the sparse kernels (their rings never have more slots than steps) and traced in the
+    key-statistics pass, whose last chunk may have fewer steps than slots."""
     for t in range(slots):
-        fetch_k(t, t)
-        fetch_v(t, t)
+        def fill(t=t):
+            fetch_k(t, t)
+            fetch_v(t, t)
+
+        if isinstance(n_steps, int):
+            fill()
+        else:
+            pl.when(t < n_steps)(fill)
 
     @pl.loop(slots, n_steps)
     def _refill(t):
@@ -446,22 +454,14 @@ def _state_kernel(k_ref, v_ref, kv_ref, ksum_ref, kcol_ref, smem, barriers, *, s
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch(t, slot):
-            rows = pl.ds(start + t * STATE_STEP, STATE_STEP)
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_loaded.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_loaded.at[slot])
+        def fetch(src_ref, dst_smem, loaded):
+            def fetch_step(t, slot):
+                rows = pl.ds(start + t * STATE_STEP, STATE_STEP)
+                plgpu.copy_gmem_to_smem(src_ref.at[bi, rows, hi], dst_smem.at[slot], loaded.at[slot])
+            return fetch_step
 
-        @pl.loop(0, n_steps)
-        def _fill(t):
-            slot = lax.rem(t, slots)
-
-            @pl.when(t >= slots)
-            def _():
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
-
-            fetch(t, slot)
-
+        fill_kv_ring(fetch(k_ref, k_smem, k_loaded), fetch(v_ref, v_smem, v_loaded), k_consumed, v_consumed,
+                     slots=slots, n_steps=n_steps)
         for slot in range(slots):  # the releases the loop did not wait for, observed (the interpreter checks)
             @pl.when(slot < n_steps)
             def _():
