@@ -421,6 +421,18 @@ def test_top_k_blocks_breaks_ties_like_lax_top_k(n_sel):
     _check_top_k(jnp.concatenate([few, rounded]), n_sel, rows_per_program=2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_top_k_blocks_reads_half_precision_scores(dtype):
+    """The block map hands the kernel its scores in q's dtype (no fp32 copy): the kernel widens them in registers and
+    selects what lax.top_k selects from the same values in fp32, ties (frequent at 8 or 11 mantissa bits) included.
+    Other dtypes are refused rather than rounded to fp32."""
+    scores = jax.random.normal(jax.random.key(2), (3, 2, 512)).astype(dtype)
+    out = topk.top_k_blocks(scores, 51, interpret=not ON_GPU)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference.top_k_blocks(scores.astype(jnp.float32), 51)))
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        topk.top_k_blocks(scores.astype(jnp.int32), 51, interpret=True)
+
+
 def test_top_k_blocks_orders_signed_zeros_infinities_and_nans_like_lax_top_k():
     """lax.top_k's order is total: -nan < -inf < negatives < -0.0 < 0.0 < positives < inf < nan, so 0.0 beats an
     earlier -0.0. Rows permute the same specials; n_sel 1, 6 and 11 cut between nan and inf, 0.0 and -0.0, -inf

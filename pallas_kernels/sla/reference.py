@@ -85,15 +85,15 @@ def pooled_blocks(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int
 
 
 def pooled_scores(pooled_q: jax.Array, pooled_k: jax.Array) -> jax.Array:
-    """fp32 [B, H, Nq, Nk]: pooled_q [B, H, Nq, D] . pooled_k [B, H, Nk, D], rounded to their dtype, with no
-    1/sqrt(d) scale."""
-    return _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(pooled_q.dtype).astype(f32)
+    """[B, H, Nq, Nk] in pooled_q's dtype: pooled_q [B, H, Nq, D] . pooled_k [B, H, Nk, D] accumulated in fp32 and
+    rounded once, with no 1/sqrt(d) scale."""
+    return _einsum("bhqd,bhkd->bhqk", pooled_q, pooled_k).astype(pooled_q.dtype)
 
 
 def block_scores(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int) -> jax.Array:
     """The block map's scores, fp32 [B, H, Nq, Nk] for q, k [B, L, H, D] (acceleration.md 3.1): the product of
     pooled q and pooled mean-centred k, rounded to q's dtype, with no 1/sqrt(d) scale."""
-    return pooled_scores(*pooled_blocks(q, k, key_mean(k), block_q=block_q, block_k=block_k))
+    return pooled_scores(*pooled_blocks(q, k, key_mean(k), block_q=block_q, block_k=block_k)).astype(f32)
 
 
 def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k: int) -> jax.Array:
@@ -105,7 +105,7 @@ def block_map(q: jax.Array, k: jax.Array, *, topk: float, block_q: int, block_k:
 
 
 def top_k_blocks(scores: jax.Array, n_sel: int) -> jax.Array:
-    """float32 [..., Nk] -> int32 [..., n_sel]: the indices of the n_sel largest scores (lax.top_k: ties to the lower
+    """float [..., Nk] -> int32 [..., n_sel]: the indices of the n_sel largest scores (lax.top_k: ties to the lower
     index), ascending: the set is what matters, and kernels then walk K/V front to back."""
     return jnp.sort(jax.lax.top_k(scores, n_sel)[1].astype(jnp.int32), axis=-1)
 

@@ -65,13 +65,13 @@ def _select(keys: jax.Array, k: int) -> jax.Array:
 
 
 def _top_k_kernel(scores_ref, out_ref, *, n_rows, n_cols, n_sel, rows, width):
-    """scores_ref [M, Nk] float32, out_ref [M, n_sel] int32 (whole arrays); this program does `rows` rows of
-    `width` = Nk rounded up to a power of two lanes."""
+    """scores_ref [M, Nk] float (fp32, or bf16/fp16 widened exactly to fp32 here), out_ref [M, n_sel] int32 (whole
+    arrays); this program does `rows` rows of `width` = Nk rounded up to a power of two lanes."""
     r0 = pl.program_id(0) * rows
     row = r0 + jnp.arange(rows)
     col = jnp.arange(width)
     valid = (row < n_rows)[:, None] & (col < n_cols)[None, :]
-    scores = pltr.load(scores_ref.at[pl.ds(r0, rows), pl.ds(0, width)], mask=valid, other=0.0)
+    scores = pltr.load(scores_ref.at[pl.ds(r0, rows), pl.ds(0, width)], mask=valid, other=0.0).astype(jnp.float32)
     keys = jnp.where(valid, _order_keys(scores), INT32_MIN)
     selected = _select(keys, n_sel) & valid  # rows past the end select their first lanes (all keys tie): not stored
     slot = jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1
@@ -86,8 +86,9 @@ def _top_k_kernel(scores_ref, out_ref, *, n_rows, n_cols, n_sel, rows, width):
 def top_k_blocks(
     scores: jax.Array, n_sel: int, *, rows_per_program: int = 1, num_warps: int = 1, interpret: bool = False
 ) -> jax.Array:
-    """float32 [..., Nk] -> int32 [..., n_sel]: ascending indices of the n_sel largest scores of each row, ties
-    to the lower index; equal to `reference.top_k_blocks`.
+    """float [..., Nk] -> int32 [..., n_sel]: ascending indices of the n_sel largest scores of each row, ties
+    to the lower index; equal to `reference.top_k_blocks`. bf16/fp16 scores are read as they are (half the bytes
+    of an fp32 copy, which XLA would otherwise write and this kernel read) and widened exactly in registers.
 
     rows_per_program (a power of two) rows of Nk rounded up to a power of two sit in one program's registers.
     Defaults: one row per one-warp program (its 32 counting steps reduce by warp shuffles alone), the fastest on
@@ -98,7 +99,9 @@ def top_k_blocks(
         raise ValueError(f"n_sel={n_sel} must be in [1, {n_cols}]")
     if rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
         raise ValueError(f"rows_per_program={rows_per_program} must be a power of two")
-    flat = scores.astype(jnp.float32).reshape(-1, n_cols)
+    if scores.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
+    flat = scores.reshape(-1, n_cols)
     n_rows = flat.shape[0]
     kernel = functools.partial(_top_k_kernel, n_rows=n_rows, n_cols=n_cols, n_sel=n_sel, rows=rows_per_program,
                                width=pl.next_power_of_2(n_cols))
