@@ -395,9 +395,10 @@ def test_mosaic_fused_linear_epilogue_matches_the_separate_one(l, d, n_sel, with
 
 
 def _check_top_k(scores, n_sel, rows_per_program=1):
-    """The Triton top-k equals sort(lax.top_k) on scores [..., Nk] exactly: same indices, same tie winners."""
+    """The Triton top-k equals sort(lax.top_k) on scores [..., Nk] (widened to fp32) exactly: same indices, same tie
+    winners."""
     out = topk.top_k_blocks(scores, n_sel, rows_per_program=rows_per_program, interpret=not ON_GPU)
-    ref = reference.top_k_blocks(scores, n_sel)
+    ref = reference.top_k_blocks(scores.astype(jnp.float32), n_sel)
     assert out.dtype == jnp.int32 and out.shape == ref.shape
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
@@ -423,9 +424,9 @@ def test_top_k_blocks_breaks_ties_like_lax_top_k(n_sel):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_top_k_blocks_reads_half_precision_scores(dtype):
-    """The block map hands the kernel its scores in q's dtype (no fp32 copy): the kernel widens them in registers and
-    selects what lax.top_k selects from the same values in fp32, ties (frequent at 8 or 11 mantissa bits) included.
-    Other dtypes are refused rather than rounded to fp32."""
+    """The block map hands the kernel its scores in q's dtype (no fp32 copy of bf16 scores; fp16 ones are widened by
+    XLA): the kernel selects what lax.top_k selects from the same values in fp32, ties (frequent at 8 or 11
+    mantissa bits) included. Other dtypes are refused rather than rounded to fp32."""
     scores = jax.random.normal(jax.random.key(2), (3, 2, 512)).astype(dtype)
     out = topk.top_k_blocks(scores, 51, interpret=not ON_GPU)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(reference.top_k_blocks(scores.astype(jnp.float32), 51)))
@@ -433,11 +434,14 @@ def test_top_k_blocks_reads_half_precision_scores(dtype):
         topk.top_k_blocks(scores.astype(jnp.int32), 51, interpret=True)
 
 
-def test_top_k_blocks_orders_signed_zeros_infinities_and_nans_like_lax_top_k():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_top_k_blocks_orders_signed_zeros_infinities_and_nans_like_lax_top_k(dtype):
     """lax.top_k's order is total: -nan < -inf < negatives < -0.0 < 0.0 < positives < inf < nan, so 0.0 beats an
     earlier -0.0. Rows permute the same specials; n_sel 1, 6 and 11 cut between nan and inf, 0.0 and -0.0, -inf
-    and -nan; 7 cuts through the tied -0.0s."""
-    specials = jnp.array([-jnp.nan, -jnp.inf, -3.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, jnp.inf, jnp.nan, 0.0, -0.0])
+    and -nan; 7 cuts through the tied -0.0s. In bf16 the kernel decides only the 16 bits above the zeros that
+    widening leaves (the keys of negative scores keep those zeros); fp16's tiny values are subnormals."""
+    tiny = 1e-6 if dtype == jnp.float16 else 1e-30
+    specials = jnp.array([-jnp.nan, -jnp.inf, -3.0, -tiny, -0.0, 0.0, tiny, 3.0, jnp.inf, jnp.nan, 0.0, -0.0], dtype)
     rows = jnp.stack([jax.random.permutation(jax.random.key(i), specials) for i in range(4)] + [specials])
     assert jnp.signbit(rows[-1, 0]) and not jnp.signbit(rows[-1, 9])
     for n_sel in (1, 6, 7, 11):

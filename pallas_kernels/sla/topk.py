@@ -9,7 +9,8 @@ with the whole row in registers:
    order: 0.0 > -0.0, +NaN above +inf, -NaN below -inf), by flipping the non-sign bits of negative floats. Lanes
    past the row end get the smallest key; as they also have the highest indices, they are never selected.
 2. threshold: t, the n_sel-th largest key, is built bit by bit from the top, 32 steps that each count the keys at
-   or above a candidate: a count over the row in registers, not a sort. The candidates are built in the unsigned
+   or above a candidate: a count over the row in registers, not a sort. bf16 scores, widened to fp32, end in 16
+   zero bits, which step 1 keeps zero: 16 steps decide t. The candidates are built in the unsigned
    order of key ^ INT32_MIN, so they are plain bit prefixes and no midpoint can overflow.
 3. selection: every key > t, plus the first n_sel - count(key > t) keys == t in index order (an inclusive cumsum
    of the equality mask); this is lax.top_k's tie rule, where the lower index wins among equal scores.
@@ -32,15 +33,17 @@ from jax.experimental.pallas import triton as pltr
 INT32_MIN = jnp.iinfo(jnp.int32).min
 
 
-def _order_keys(x: jax.Array) -> jax.Array:
+def _order_keys(x: jax.Array, low_zeros: int) -> jax.Array:
     """float32 [...] -> int32 [...] in the same order as lax.top_k orders x: negative floats order backwards as
-    sign-magnitude integers, so their 31 magnitude bits are flipped."""
+    sign-magnitude integers, so their magnitude bits are flipped; all but the `low_zeros` lowest, which are zero in
+    every x (bf16 or fp16 values widened to fp32) and stay zero in every key."""
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits ^ ((bits >> 31) & (0x7FFFFFFF ^ ((1 << low_zeros) - 1)))
 
 
-def _kth_largest(keys: jax.Array, k: int) -> jax.Array:
-    """int32 [R, W] -> int32 [R]: the k-th largest key of each row (1 <= k <= W).
+def _kth_largest(keys: jax.Array, k: int, low_zeros: int) -> jax.Array:
+    """int32 [R, W] -> int32 [R]: the k-th largest key of each row (1 <= k <= W), whose `low_zeros` lowest bits are
+    zero in every key (so in the result too: only the bits above them are decided).
 
     Works in the unsigned order u = key ^ INT32_MIN: the result is the largest prefix p with count(u >= p) >= k,
     decided one bit at a time from the top. A signed compare of key against p ^ INT32_MIN is the unsigned compare
@@ -51,13 +54,13 @@ def _kth_largest(keys: jax.Array, k: int) -> jax.Array:
         count = jnp.sum((keys >= (candidate ^ INT32_MIN)[:, None]).astype(jnp.int32), axis=1)
         return jnp.where(count >= k, candidate, prefix)
 
-    prefix = jax.lax.fori_loop(0, 32, try_bit, jnp.zeros(keys.shape[:1], jnp.int32))
+    prefix = jax.lax.fori_loop(0, 32 - low_zeros, try_bit, jnp.zeros(keys.shape[:1], jnp.int32))
     return prefix ^ INT32_MIN
 
 
-def _select(keys: jax.Array, k: int) -> jax.Array:
+def _select(keys: jax.Array, k: int, low_zeros: int) -> jax.Array:
     """int32 [R, W] -> bool [R, W]: the k largest keys of each row, ties at the threshold to the lowest indices."""
-    t = _kth_largest(keys, k)[:, None]
+    t = _kth_largest(keys, k, low_zeros)[:, None]
     above = keys > t
     at = keys == t
     n_above = jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
@@ -65,15 +68,17 @@ def _select(keys: jax.Array, k: int) -> jax.Array:
 
 
 def _top_k_kernel(scores_ref, out_ref, *, n_rows, n_cols, n_sel, rows, width):
-    """scores_ref [M, Nk] float (fp32, or bf16/fp16 widened exactly to fp32 here), out_ref [M, n_sel] int32 (whole
+    """scores_ref [M, Nk] fp32, or bf16 widened exactly to fp32 here; out_ref [M, n_sel] int32 (whole
     arrays); this program does `rows` rows of `width` = Nk rounded up to a power of two lanes."""
     r0 = pl.program_id(0) * rows
     row = r0 + jnp.arange(rows)
     col = jnp.arange(width)
     valid = (row < n_rows)[:, None] & (col < n_cols)[None, :]
     scores = pltr.load(scores_ref.at[pl.ds(r0, rows), pl.ds(0, width)], mask=valid, other=0.0).astype(jnp.float32)
-    keys = jnp.where(valid, _order_keys(scores), INT32_MIN)
-    selected = _select(keys, n_sel) & valid  # rows past the end select their first lanes (all keys tie): not stored
+    low_zeros = jnp.finfo(jnp.float32).nmant - jnp.finfo(scores_ref.dtype).nmant  # 16 for bf16, 0 for fp32
+    keys = jnp.where(valid, _order_keys(scores, low_zeros), INT32_MIN)
+    # Rows past the end select their first lanes (all keys tie): not stored.
+    selected = _select(keys, n_sel, low_zeros) & valid
     slot = jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1
     # Unselected lanes are masked off the store, but interpret mode writes masked lanes back with the old value:
     # pointed at slot n_sel, out of bounds (its scatter drops them), they cannot race a selected lane's slot.
@@ -87,8 +92,9 @@ def top_k_blocks(
     scores: jax.Array, n_sel: int, *, rows_per_program: int = 1, num_warps: int = 1, interpret: bool = False
 ) -> jax.Array:
     """float [..., Nk] -> int32 [..., n_sel]: ascending indices of the n_sel largest scores of each row, ties
-    to the lower index; equal to `reference.top_k_blocks`. bf16/fp16 scores are read as they are (half the bytes
-    of an fp32 copy, which XLA would otherwise write and this kernel read) and widened exactly in registers.
+    to the lower index; equal to `reference.top_k_blocks`. bf16 scores are read as they are (half the bytes of an
+    fp32 copy, which XLA would otherwise write and this kernel read) and widened exactly in registers; fp16 scores
+    are widened by XLA first.
 
     rows_per_program (a power of two) rows of Nk rounded up to a power of two sit in one program's registers.
     Defaults: one row per one-warp program (its 32 counting steps reduce by warp shuffles alone), the fastest on
@@ -101,6 +107,10 @@ def top_k_blocks(
         raise ValueError(f"rows_per_program={rows_per_program} must be a power of two")
     if scores.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
+    if scores.dtype == jnp.float16:
+        # Widened inside the kernel, fp16 rows of NaNs, infinities and subnormals were ordered unlike lax.top_k on
+        # an H100 (bf16 rows were not: bf16 widens by a shift); XLA's conversion keeps the kernel on fp32 keys.
+        scores = scores.astype(jnp.float32)
     flat = scores.reshape(-1, n_cols)
     n_rows = flat.shape[0]
     kernel = functools.partial(_top_k_kernel, n_rows=n_rows, n_cols=n_cols, n_sel=n_sel, rows=rows_per_program,
