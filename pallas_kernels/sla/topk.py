@@ -97,9 +97,9 @@ def top_k_blocks(
     are widened by XLA first.
 
     rows_per_program (a power of two) rows of Nk rounded up to a power of two sit in one program's registers.
-    Defaults: one row per one-warp program (its 32 counting steps reduce by warp shuffles alone), the fastest on
-    an H100 at Nk = 1182 (0.20 ms vs 0.27-0.63 ms for 2-8 warps or 2-4 rows, and 1.75 ms for XLA's sort) and
-    within 0.01 ms of the best at Nk = 512 (docs/PERF.md)."""
+    Defaults: one row per one-warp program (its counting steps reduce by warp shuffles alone), the fastest on an
+    H100 at Nk = 1182 with fp32 scores (0.20 ms vs 0.27-0.63 ms for 2-8 warps or 2-4 rows, and 1.75 ms for XLA's
+    sort; 0.14 ms for bf16 scores) and within 0.01 ms of the best at Nk = 512 (docs/PERF.md)."""
     *lead, n_cols = scores.shape
     if not 1 <= n_sel <= n_cols:
         raise ValueError(f"n_sel={n_sel} must be in [1, {n_cols}]")
