@@ -36,7 +36,7 @@ INT32_MIN = jnp.iinfo(jnp.int32).min
 def _order_keys(x: jax.Array, low_zeros: int) -> jax.Array:
     """float32 [...] -> int32 [...] in the same order as lax.top_k orders x: negative floats order backwards as
     sign-magnitude integers, so their magnitude bits are flipped; all but the `low_zeros` lowest, which are zero in
-    every x (bf16 or fp16 values widened to fp32) and stay zero in every key."""
+    every x (bf16 values widened to fp32) and stay zero in every key."""
     bits = jax.lax.bitcast_convert_type(x, jnp.int32)
     return bits ^ ((bits >> 31) & (0x7FFFFFFF ^ ((1 << low_zeros) - 1)))
 
