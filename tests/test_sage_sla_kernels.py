@@ -8,6 +8,7 @@ compiled, plus the tests marked gpu at the real shapes.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,27 @@ def test_mosaic_ring_wraps_around():
     assert _rel(out, sage_reference.sparse_attention(*ops, lut, block_q=128, block_k=64)) < 1e-2
 
 
+@pytest.mark.parametrize("bk", [64, 128])
+def test_mosaic_p_operands_agree(bk):
+    """P.V with P from registers (V's tokens in KEY_ORDER) and with P through shared memory sum the same products:
+    the default of each block size against the other choice, at a ragged length."""
+    lut, ops = _lut_and_operands(*_inputs(10, 1, 600, 1, 128), topk=0.5, bq=128, bk=bk)
+    outs = [sage_mosaic.sparse_attention(*ops, lut, block_q=128, block_k=bk, interpret=not ON_GPU,
+                                         config=sage_mosaic.SageMosaicConfig(p_in_registers=r)) for r in (True, False)]
+    assert ON_GPU or not _races_found(), "the Mosaic GPU interpreter found a data race"
+    assert _rel(outs[0], outs[1]) < 1e-6
+
+
+def test_key_order_is_the_register_regrouping():
+    """KEY_ORDER (V's token order) is the permutation the interpreter spells out for P, and it maps each lane's
+    accumulator columns {2c, 2c+1, 2c+8, 2c+9} of a 16-key group onto the operand's {4c, ..., 4c+3}."""
+    cols = np.arange(64)
+    spelled = cols.reshape(1, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(-1)
+    assert (spelled == (16 * np.arange(4)[:, None] + sage_mosaic.KEY_ORDER).reshape(-1)).all()
+    for c in range(4):
+        assert list(sage_mosaic.KEY_ORDER[4 * c:4 * c + 4]) == [2 * c, 2 * c + 1, 2 * c + 8, 2 * c + 9]
+
+
 def test_every_row_is_written():
     """Rows of the ragged last query block and all heads are written (an unwritten row would be 0 or garbage)."""
     lut, ops = _lut_and_operands(*_inputs(3, 1, 77, 3, 32), topk=0.5, bq=16, bk=32)
@@ -183,14 +205,20 @@ def test_quantize_kernel_lowers_to_triton_ir_for_an_h100():
     assert "__gpu$xla.gpu.triton" in text and "sagesla_quantize_blocks" in text
 
 
-@pytest.mark.parametrize("bk", [64, 128])
-def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bk):
+@pytest.mark.parametrize("bk, p_in_registers", [(64, None), (128, None), (128, True)])
+def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bk, p_in_registers):
     """Pallas -> Mosaic GPU -> LLVM/NVVM at the 14B-720p shape: the Q.K^T is an s8 wgmma into s32, the P.V an
-    e4m3 wgmma into f32 (fp8 tensor cores, not an upcast), and P is rounded with cvt.rn.satfinite like upstream."""
-    text = _abstract_h100_lowering(functools.partial(sage_mosaic.sparse_attention, block_q=128, block_k=bk),
-                                   *_abstract_operands(1, 75600, 40, 128, 128, bk, 0.15))
+    e4m3 wgmma into f32 (fp8 tensor cores, not an upcast) reading P from four registers where P stays in
+    registers (the default for 64-key blocks) and from a shared-memory descriptor otherwise, and P is rounded
+    with cvt.rn.satfinite like upstream. (The interpreter runs P through shared memory: this lowering and the
+    GPU tests are what check the register operand.)"""
+    config = sage_mosaic.SageMosaicConfig(p_in_registers=p_in_registers)
+    text = _abstract_h100_lowering(functools.partial(sage_mosaic.sparse_attention, block_q=128, block_k=bk,
+                                                     config=config), *_abstract_operands(1, 75600, 40, 128, 128, bk, 0.15))
     assert f"wgmma.mma_async.sync.aligned.m64n{bk}k32.s32.s8.s8" in text
-    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+    pv = re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3 \{[$\d,]+\}, (\{[$\d,]+\}|\$\d+),",
+                   text)
+    assert pv and pv.group(1).startswith("{") == config.registers(bk)
     assert "cvt.rn.satfinite.e4m3x2.f32" in text
 
 

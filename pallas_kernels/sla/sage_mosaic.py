@@ -5,16 +5,18 @@ One CTA per (head, 128-row query block, batch) = one row of the SLA block map, w
   two compute warpgroups, 64 query rows each, walk the row's key blocks (ascending LUT):
       S = Q8 K8^T by an s8 x s8 -> s32 wgmma from shared memory (Q and K both K-major: the K tile is the (bk, D)
       block, transposed as a ref); dequantised to base-2 logits with the q- and k-block scales; the online softmax
-      with P~ = 2^(s - m + log2 448); e4m3(P~) is written to the warpgroup's shared-memory tile and multiplied by
-      the e4m3 V^T tile in an e4m3 wgmma into a fresh fp32 accumulator, added to the rescaled running one (the
-      fp8 wgmma accumulator keeps about 22 bits; upstream's sm90 kernel adds per block the same way);
+      with P~ = 2^(s - m + log2 448); e4m3(P~) is multiplied by the e4m3 V^T tile in an e4m3 wgmma into a fresh
+      fp32 accumulator, added to the rescaled running one (the fp8 wgmma accumulator keeps about 22 bits;
+      upstream's sm90 kernel adds per block the same way); P is that wgmma's register operand with 64-key blocks
+      and goes through the warpgroup's shared-memory tile with 128-key ones (`SageMosaicConfig.p_in_registers`);
       a "schedule" barrier ping-pongs the two warpgroups so one's softmax overlaps the other's products;
   one memory warpgroup reads lut[b, h, i, t] and issues TMA copies of the K tile (bk, D) and the V^T tile (D, bk)
       of key block lut[t] into a ring of shared-memory slots.
 8-bit wgmma operands must be K-major (no hardware transpose below 16 bits): V is therefore passed transposed,
 [B, H, D, L_pad] (the wrapper transposes and pads the e4m3 values), so its (D, bk) tile is K-major for P.V.
-P goes through shared memory because Mosaic GPU cannot relayout the accumulator-shaped P into the 8-bit register
-operand layout of wgmma (upstream instead permutes V's tokens to match the register layout).
+Mosaic GPU has no relayout from the accumulator layout to the 8-bit register-operand layout (it would move bytes
+between threads); reading P's registers as the operand instead permutes its keys within each 16-key group
+(`KEY_ORDER`), and V's tokens stored in that order (as upstream's kernel does) leave the product unchanged.
 The epilogue applies 1/l and the per-channel V scales. Needs sm90 to run compiled; on CPU the tests run it in the
 Mosaic GPU interpreter (with its race detector) and lower it for an abstract H100 down to the PTX of its wgmmas.
 """
@@ -26,7 +28,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -35,9 +39,22 @@ from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_
 from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
 
 
+# Within each 16-key group, the key whose P column thread lane l of a row holds at position 4 * (l % 4) + e of the
+# 8-bit operand layout: the accumulator layout gives that lane columns 2c, 2c + 1, 2c + 8, 2c + 9 (c = l % 4).
+KEY_ORDER = np.array([0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15])
+
+
 @dataclasses.dataclass(frozen=True)
 class SageMosaicConfig:
     max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
+    # P.V's A operand from registers (V's tokens in KEY_ORDER) or from a shared-memory tile; None: registers for
+    # 64-key blocks, the tile for 128-key ones (H100, same outputs: registers 8% faster at H=40, L=75,600 with
+    # 64-key blocks and equal at H=12, L=32,760; the tile 8% faster with 128-key blocks at H=12).
+    p_in_registers: bool | None = None
+
+    def registers(self, block_k: int) -> bool:
+        """Whether P.V reads P from registers at this key-block size."""
+        return block_k == 64 if self.p_in_registers is None else self.p_in_registers
 
 
 def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
@@ -58,11 +75,36 @@ def _tiles(row_bytes: int):
     return plgpu.TilingTransform((8, row_bytes)), plgpu.SwizzleTransform(row_bytes)
 
 
+def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
+    """e4m3 P [64, bk] in the accumulator layout -> the A operand of the P.V wgmma. registers: its columns in
+    `KEY_ORDER` within each 16-key group, compiled by regrouping the registers (each thread's two 2-byte vectors
+    of a 16-column group become one 4-byte vector of the 8-bit operand layout; no byte moves). Otherwise, and in
+    the interpreter (no register layouts; its wgmma reads A from shared memory only, so there the permutation is
+    spelled out), P is written to the warpgroup's tile p_smem [64, bk]."""
+    if registers and not interpret:
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                           return_type=plgpu.ShapeDtypeStruct(p8.shape, p8.dtype, plgpu.Layout.WGMMA_8BIT))
+        def regroup(_, p):
+            new = np.empty(mgpu.WGMMA_LAYOUT_8BIT.registers_shape(p.shape), dtype=object)
+            for idx in np.ndindex(new.shape):
+                pair = [p.registers[(idx[0], 2 * idx[1] + i, *idx[2:])] for i in range(2)]
+                new[idx] = mgpu.utils.vector_concat(pair)
+            return mgpu.FragmentedArray(_registers=new, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+        return regroup(plgpu.layout_cast(p8, plgpu.Layout.WGMMA))
+    if registers:
+        rows, cols = p8.shape  # column 16g + 8h + 2c + e goes to 16g + 4c + 2h + e: KEY_ORDER
+        p8 = p8.reshape(rows, cols // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
+    p_smem[...] = p8
+    plgpu.commit_smem()  # the P tile is read by the async proxy (wgmma) next
+    return p_smem
+
+
 def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, loaded, consumed, schedule,
-            *, seq_len, block_k, n_sel, slots, c):
+            *, seq_len, block_k, n_sel, slots, c, p_in_registers, interpret):
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
     [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory."""
-    q_smem, k_smem, v_smem, p_smem, vs_smem, o_smem = smem
+    q_smem, k_smem, v_smem, vs_smem, o_smem, *p_smem = smem  # p_smem: [] when P stays in registers
     k_loaded, v_loaded, q_loaded, vs_loaded = loaded
     k_consumed, v_consumed = consumed
     bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
@@ -112,15 +154,18 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new - P_EXP_OFFSET, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
-            p_smem.at[wg][...] = p.astype(FP8)
-            plgpu.commit_smem()  # the P tile is read by the async proxy (wgmma) next
-            acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
+            p8 = _p_operand(p.astype(FP8), p_smem[0].at[wg] if p_smem else None, registers=p_in_registers,
+                            interpret=interpret)
+            if p_smem:
+                acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
+            else:  # the regrouped registers (4-byte vectors; the accumulator-shaped e4m3 cannot be a barrier operand)
+                acc, l, m_new, p8 = lax.optimization_barrier((acc, l, m_new, p8))
             plgpu.barrier_arrive(schedule)  # softmax done
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
             def pv_product(pv_ref):
-                plgpu.wgmma(pv_ref, p_smem.at[wg], v_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(pv_ref, p8, v_smem.at[slot].transpose((1, 0)))
 
                 @pl.when(t + 1 < n_sel)
                 def _():
@@ -166,12 +211,16 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             plgpu.barrier_wait(v_consumed.at[slot])
 
 
-def transpose_values(v8: jax.Array, block_k: int) -> jax.Array:
+def transpose_values(v8: jax.Array, block_k: int, key_order: bool) -> jax.Array:
     """e4m3 v8 [B, L, H, D] -> [B, H, D, L_pad], L_pad = L rounded up to block_k, zero-padded: the K-major layout
-    of V for the 8-bit P.V (and 16-byte aligned rows for TMA)."""
-    l = v8.shape[1]
-    vt = jnp.transpose(v8, (0, 2, 3, 1))
-    return jnp.pad(vt, ((0, 0), (0, 0), (0, 0), (0, pl.cdiv(l, block_k) * block_k - l)))
+    of V for the 8-bit P.V (and 16-byte aligned rows for TMA); key_order: the tokens of each 16-token group in
+    `KEY_ORDER`, the key order of P in registers."""
+    b, l, h, d = v8.shape
+    l_pad = pl.cdiv(l, block_k) * block_k
+    v8 = jnp.pad(v8, ((0, 0), (0, l_pad - l), (0, 0), (0, 0)))
+    if key_order:
+        v8 = v8.reshape(b, l_pad // 16, 16, h, d)[:, :, KEY_ORDER].reshape(b, l_pad, h, d)
+    return jnp.transpose(v8, (0, 2, 3, 1))
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype", "config", "interpret"))
@@ -194,7 +243,9 @@ def sparse_attention(
     if nq != pl.cdiv(l, block_q):
         raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
     out_bytes = jnp.dtype(out_dtype).itemsize
-    fixed = COMPUTE_WGS * WG_ROWS * (d + block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
+    p_in_registers = config.registers(block_k)
+    p_tile = not p_in_registers or interpret
+    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
     slots = min(config.max_concurrent_steps, n_sel, (SMEM_BYTES - fixed) // (2 * block_k * d))
     out_tiles = (plgpu.TilingTransform((8, 128 // out_bytes)), plgpu.SwizzleTransform(128))
 
@@ -203,15 +254,15 @@ def sparse_attention(
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), jnp.int8, transforms=_tiles(d)),
             plgpu.SMEM((slots, block_k, d), jnp.int8, transforms=_tiles(d)),
             plgpu.SMEM((slots, d, block_k), FP8, transforms=_tiles(block_k)),
-            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),
             plgpu.SMEM((COMPUTE_WGS, d), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), out_dtype, transforms=out_tiles),
-        )
+        ) + ((plgpu.SMEM((COMPUTE_WGS, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),) if p_tile else ())
         loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
                   plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS))
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
         kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref,
-                                   seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, c=float(base2_scale(d)))
+                                   seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, c=float(base2_scale(d)),
+                                   p_in_registers=p_in_registers, interpret=interpret)
         pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
 
@@ -225,4 +276,4 @@ def sparse_attention(
         kernel_name="sagesla_sparse_fwd_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
-    )(lut.astype(jnp.int32), q8, q_scale, k8, k_scale, transpose_values(v8, block_k), v_scale)
+    )(lut.astype(jnp.int32), q8, q_scale, k8, k_scale, transpose_values(v8, block_k, p_in_registers), v_scale)
