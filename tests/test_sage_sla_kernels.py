@@ -80,8 +80,10 @@ CASES = [  # (impl, B, L, H, D, block_q, block_k, topk): ragged lengths, both bl
     ("triton", 2, 1000, 2, 64, 128, 64, 0.15),
     ("triton", 2, 1300, 2, 64, 64, 128, 0.2),
     ("triton", 1, 2600, 2, 64, 32, 64, 0.05),
-    ("mosaic", 2, 776, 1, 64, 128, 64, 0.2),  # the Mosaic kernel: 128-row query blocks, L a multiple of 8
+    ("mosaic", 2, 776, 1, 64, 128, 64, 0.2),  # the Mosaic kernel: L a multiple of 8
     ("mosaic", 1, 520, 2, 128, 128, 128, 0.4),
+    ("mosaic", 1, 776, 2, 128, 64, 128, 0.4),  # upstream's sm90 blocks; 13 query blocks: the last CTA's second half
+    ("mosaic", 1, 392, 1, 64, 64, 64, 0.3),  # is past L
 ]
 
 
@@ -164,7 +166,7 @@ def test_shape_rules():
     assert not sage_triton.supports(q, 128, 16)  # the e4m3 P.V needs K = block_k >= 32
     assert not sage_triton.supports(q[..., :16], 128, 64) and not sage_triton.supports(q, 96, 64)
     assert sage_mosaic.shapes_supported(q, 128, 64) and sage_mosaic.shapes_supported(q, 128, 128)
-    assert not sage_mosaic.shapes_supported(q, 64, 128)  # two 64-row warpgroups per 128-row query block
+    assert sage_mosaic.shapes_supported(q, 64, 128) and not sage_mosaic.shapes_supported(q, 32, 128)
     assert not sage_mosaic.shapes_supported(q[:, :100], 128, 64)  # TMA tiles the token axis by 8
     assert not sage_mosaic.shapes_supported(q[..., :32], 128, 64)  # one int8 swizzle span: head_dim 64 or 128
     assert not sage_mosaic.shapes_supported(q.astype(jnp.float32), 128, 64)
@@ -213,8 +215,8 @@ def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bk, p_in_registers):
     with cvt.rn.satfinite like upstream. (The interpreter runs P through shared memory: this lowering and the
     GPU tests are what check the register operand.)"""
     config = sage_mosaic.SageMosaicConfig(p_in_registers=p_in_registers)
-    text = _abstract_h100_lowering(functools.partial(sage_mosaic.sparse_attention, block_q=128, block_k=bk,
-                                                     config=config), *_abstract_operands(1, 75600, 40, 128, 128, bk, 0.15))
+    kernel = functools.partial(sage_mosaic.sparse_attention, block_q=128, block_k=bk, config=config)
+    text = _abstract_h100_lowering(kernel, *_abstract_operands(1, 75600, 40, 128, 128, bk, 0.15))
     assert f"wgmma.mma_async.sync.aligned.m64n{bk}k32.s32.s8.s8" in text
     pv = re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3 \{[$\d,]+\}, (\{[$\d,]+\}|\$\d+),",
                    text)
@@ -243,7 +245,7 @@ def test_sage_sla_attention_refusals():
     with pytest.raises(ValueError, match="block_k >= 32"):
         sla.sage_sla_attention(q, q, q, topk=0.5, block_q=16, block_k=16, implementation="triton", interpret=True)
     with pytest.raises(ValueError, match="Mosaic SageSLA kernel needs an sm90 GPU"):
-        sla.sage_sla_attention(q, q, q, topk=0.5, block_q=64, block_k=64, implementation="mosaic", interpret=True)
+        sla.sage_sla_attention(q, q, q, topk=0.5, block_q=32, block_k=64, implementation="mosaic", interpret=True)
     if not ON_GPU:
         assert sla.default_sage_implementation(q, 128, 64) == "reference"
         with pytest.raises(ValueError, match="fp8 conversions"):
@@ -294,6 +296,19 @@ def test_gpu_quality_and_full_path_at_480p(impl):
     bf16_sla = reference.sla_attention(q, k, v, topk=0.1, block_q=128, block_k=64, proj_w=w, proj_b=bias)
     assert _rel(out, ref) < 1e-2
     assert _cos(out, bf16_sla) >= 0.998
+
+
+@pytest.mark.gpu
+def test_gpu_upstream_sm90_blocks_full_path():
+    """SageSLA with upstream's H100 blocks (64, 128) on the Mosaic kernel (each compute warpgroup its own LUT row)
+    through the public function at the 1.3B-480p token count: equals the SageSLA reference."""
+    q, k, v = realistic_qkv(6, l=32760, h=2, d=128)
+    w = (0.05 * jax.random.normal(jax.random.key(4), (128, 128))).astype(jnp.bfloat16)
+    bias = jnp.full((128,), 0.01, jnp.bfloat16)
+    kw = dict(topk=0.1, block_q=64, block_k=128, proj_w=w, proj_b=bias)
+    assert sla.default_sage_implementation(q, 64, 128) == "mosaic"
+    out = jax.jit(functools.partial(sla.sage_sla_attention, **kw))(q, k, v)
+    assert _rel(out, sage_reference.sage_sla_attention(q, k, v, **kw)) < 1e-2
 
 
 @pytest.mark.parametrize("l, bq, bk, d", [(1000, 128, 64, 64), (4104, 64, 128, 128), (200, 128, 64, 64)])

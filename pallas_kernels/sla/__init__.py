@@ -162,7 +162,7 @@ def _check_sage_implementation(impl: str, q: jax.Array, block_q: int, block_k: i
     if impl == "mosaic" and not (sage_mosaic.supports(q, block_q, block_k)
                                  or interpret and sage_mosaic.shapes_supported(q, block_q, block_k)):
         raise ValueError(f"the Mosaic SageSLA kernel needs an sm90 GPU, bf16/fp16, head_dim 64 or 128, L a multiple "
-                         f"of 8, block_q 128 and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, L "
+                         f"of 8, block_q and block_k 64 or 128; got {q.dtype}, head_dim {q.shape[-1]}, L "
                          f"{q.shape[1]}, blocks ({block_q}, {block_k})")
 
 

@@ -1,8 +1,11 @@
 """SageSLA's sparse branch as a Mosaic GPU (Hopper) kernel: `mosaic.py`'s FlashAttention-3 structure with 8-bit
 tensor-core products, the semantics of `sage_reference.sparse_attention`.
 
-One CTA per (head, 128-row query block, batch) = one row of the SLA block map, with three warpgroups:
-  two compute warpgroups, 64 query rows each, walk the row's key blocks (ascending LUT):
+One CTA per (head, 128 query rows, batch), with three warpgroups:
+  two compute warpgroups, 64 query rows each, walk their rows' LUT row of key blocks (ascending): with
+      block_q = 128 both walk the CTA's one row of the SLA block map; with block_q = 64 (upstream's sm90 blocks)
+      each walks its own query block's row (the rows of a CTA select the same number of blocks, so the ping-pong
+      below stays in step);
       S = Q8 K8^T by an s8 x s8 -> s32 wgmma from shared memory (Q and K both K-major: the K tile is the (bk, D)
       block, transposed as a ref); dequantised to base-2 logits with the q- and k-block scales; the online softmax
       with P~ = 2^(s - m + log2 448); e4m3(P~) is multiplied by the e4m3 V^T tile in an e4m3 wgmma into a fresh
@@ -11,7 +14,7 @@ One CTA per (head, 128-row query block, batch) = one row of the SLA block map, w
       and goes through the warpgroup's shared-memory tile with 128-key ones (`SageMosaicConfig.p_in_registers`);
       a "schedule" barrier ping-pongs the two warpgroups so one's softmax overlaps the other's products;
   one memory warpgroup reads lut[b, h, i, t] and issues TMA copies of the K tile (bk, D) and the V^T tile (D, bk)
-      of key block lut[t] into a ring of shared-memory slots.
+      of key block lut[t] into a ring of shared-memory slots (with block_q = 64 a slot holds both LUT rows' tiles).
 8-bit wgmma operands must be K-major (no hardware transpose below 16 bits): V is therefore passed transposed,
 [B, H, D, L_pad] (the wrapper transposes and pads the e4m3 values), so its (D, bk) tile is K-major for P.V.
 Mosaic GPU has no relayout from the accumulator layout to the 8-bit register-operand layout (it would move bytes
@@ -44,6 +47,9 @@ from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
 KEY_ORDER = np.array([0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15])
 
 
+BLOCK_QS = (WG_ROWS, COMPUTE_WGS * WG_ROWS)  # query block sizes: a LUT row per warpgroup, or one per CTA
+
+
 @dataclasses.dataclass(frozen=True)
 class SageMosaicConfig:
     max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
@@ -59,10 +65,10 @@ class SageMosaicConfig:
 
 def shapes_supported(q: jax.Array, block_q: int, block_k: int) -> bool:
     """bf16/fp16 (the output dtype), head_dim 64 or 128 (one swizzle span of int8), L a multiple of 8 (TMA tiling
-    of the token axis), one CTA per 128-row query block, key blocks of 64 or 128 tokens (one swizzle span of e4m3
-    for P.V)."""
+    of the token axis), query blocks of 64 or 128 rows (one or two compute warpgroups' rows), key blocks of 64 or
+    128 tokens (one swizzle span of e4m3 for P.V)."""
     return (q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128) and q.shape[1] % 8 == 0
-            and block_q == COMPUTE_WGS * WG_ROWS and block_k in (64, 128))
+            and block_q in BLOCK_QS and block_k in (64, 128))
 
 
 def supports(q: jax.Array, block_q: int, block_k: int) -> bool:
@@ -101,26 +107,28 @@ def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
 
 
 def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, loaded, consumed, schedule,
-            *, seq_len, block_k, n_sel, slots, c, p_in_registers, interpret):
+            *, seq_len, block_k, n_sel, slots, streams, c, p_in_registers, interpret):
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
-    [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory."""
+    [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory. streams: LUT rows
+    per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2)."""
     q_smem, k_smem, v_smem, vs_smem, o_smem, *p_smem = smem  # p_smem: [] when P stays in registers
     k_loaded, v_loaded, q_loaded, vs_loaded = loaded
     k_consumed, v_consumed = consumed
-    bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
+    bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
-    lut_row = lut_ref.at[bi, hi, qi]
 
     take_turn = functools.partial(ping_pong_turn, schedule)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        rows = pl.ds(qi * (COMPUTE_WGS * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
+        rows = pl.ds(ci * (COMPUTE_WGS * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[wg], q_loaded.at[wg])
         plgpu.copy_gmem_to_smem(vs_ref.at[bi, hi], vs_smem.at[wg], vs_loaded.at[wg])
         d = q_smem.shape[-1]
-        q_scale = qs_ref[bi, hi, qi]
+        stream = wg if streams > 1 else 0  # its LUT row and K/V tiles in a slot (static when shared)
+        lut_row = lut_ref.at[bi, hi, ci * streams + stream]
+        q_scale = qs_ref[bi, hi, ci * streams + stream]
         acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
         m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -139,7 +147,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             scale = c * (q_scale * ks_ref[bi, hi, lut_row[t]])
 
             def qk_product(s_ref):
-                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot * streams + stream].transpose((1, 0)))
                 take_turn()
                 return s_ref[...]
 
@@ -165,7 +173,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
             def pv_product(pv_ref):
-                plgpu.wgmma(pv_ref, p8, v_smem.at[slot].transpose((1, 0)))
+                plgpu.wgmma(pv_ref, p8, v_smem.at[slot * streams + stream].transpose((1, 0)))
 
                 @pl.when(t + 1 < n_sel)
                 def _():
@@ -193,14 +201,19 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
+        lut_rows = [lut_ref.at[bi, hi, ci * streams + stream] for stream in range(streams)]
 
         def fetch_k(t, slot):
-            rows = pl.ds(lut_row[t] * block_k, block_k)
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_loaded.at[slot])
+            for stream, lut_row in enumerate(lut_rows):
+                rows = pl.ds(lut_row[t] * block_k, block_k)
+                tile = k_smem.at[slot * streams + stream]
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], tile, k_loaded.at[slot])
 
         def fetch_v(t, slot):
-            cols = pl.ds(lut_row[t] * block_k, block_k)
-            plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, cols], v_smem.at[slot], v_loaded.at[slot])
+            for stream, lut_row in enumerate(lut_rows):
+                cols = pl.ds(lut_row[t] * block_k, block_k)
+                tile = v_smem.at[slot * streams + stream]
+                plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, cols], tile, v_loaded.at[slot])
 
         fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_steps=n_sel)
 
@@ -230,38 +243,53 @@ def sparse_attention(
     config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
 ) -> jax.Array:
     """`sage_reference.sparse_attention` as a Mosaic GPU kernel; same operands (`sage_reference.quantize`) and
-    result. block_q must be 128 (two 64-row warpgroups), block_k 64 or 128. q_scale and k_scale must be positive,
-    as the quantiser's are (>= 1e-7): the masked logits are -inf before the scale multiplies them.
+    result. block_q 64 or 128, block_k 64 or 128. q_scale and k_scale must be positive, as the quantiser's are
+    (>= 1e-7): the masked logits are -inf before the scale multiplies them.
 
     interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
-    its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering."""
+    its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering. The
+    interpreter's barrier waits block inside XLA callbacks: on a 2-core CPU, with block_q = 64 inside a larger
+    jitted program (SageSLA with its linear branch), both compute warpgroups sat in barrier waits while the memory
+    warpgroup's program made no progress (a hang, apparently XLA's two intra-op threads taken by the waits);
+    interpret this kernel on its own there."""
     b, l, h, d = q8.shape
     nq, n_sel = lut.shape[2], lut.shape[3]
-    if block_q != COMPUTE_WGS * WG_ROWS or block_k not in (64, 128) or d not in (64, 128):
-        raise ValueError(f"the Mosaic SageSLA kernel takes block_q={COMPUTE_WGS * WG_ROWS}, block_k 64 or 128 and "
-                         f"head_dim 64 or 128; got ({block_q}, {block_k}), head_dim {d}")
+    if block_q not in BLOCK_QS or block_k not in (64, 128) or d not in (64, 128):
+        raise ValueError(f"the Mosaic SageSLA kernel takes block_q 64 or 128, block_k 64 or 128 and head_dim 64 or "
+                         f"128; got ({block_q}, {block_k}), head_dim {d}")
     if nq != pl.cdiv(l, block_q):
         raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
+    streams = COMPUTE_WGS * WG_ROWS // block_q
+    ctas = pl.cdiv(l, COMPUTE_WGS * WG_ROWS)
+    # An odd count of 64-row blocks leaves the last CTA's second warpgroup rows past L (TMA reads them as zeros
+    # and drops their writes): it walks a copy of the last LUT row with a unit q scale, to stay in the ping-pong.
+    pad = ((0, 0), (0, 0), (0, ctas * streams - nq))
+    lut = lut.astype(jnp.int32)
+    if ctas * streams != nq:
+        lut = jnp.pad(lut, pad + ((0, 0),), mode="edge")
+        q_scale = jnp.pad(q_scale, pad, constant_values=1.0)
     out_bytes = jnp.dtype(out_dtype).itemsize
     p_in_registers = config.registers(block_k)
     p_tile = not p_in_registers or interpret
     fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
-    slots = min(config.max_concurrent_steps, n_sel, (SMEM_BYTES - fixed) // (2 * block_k * d))
+    slots = min(config.max_concurrent_steps, n_sel, (SMEM_BYTES - fixed) // (2 * streams * block_k * d))
     out_tiles = (plgpu.TilingTransform((8, 128 // out_bytes)), plgpu.SwizzleTransform(128))
 
     def entry(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref):
         smem = (
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), jnp.int8, transforms=_tiles(d)),
-            plgpu.SMEM((slots, block_k, d), jnp.int8, transforms=_tiles(d)),
-            plgpu.SMEM((slots, d, block_k), FP8, transforms=_tiles(block_k)),
+            plgpu.SMEM((slots * streams, block_k, d), jnp.int8, transforms=_tiles(d)),  # [slot * streams + stream]
+            plgpu.SMEM((slots * streams, d, block_k), FP8, transforms=_tiles(block_k)),
             plgpu.SMEM((COMPUTE_WGS, d), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), out_dtype, transforms=out_tiles),
         ) + ((plgpu.SMEM((COMPUTE_WGS, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),) if p_tile else ())
-        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+        loaded = (plgpu.Barrier(num_arrivals=streams, num_barriers=slots),
+                  plgpu.Barrier(num_arrivals=streams, num_barriers=slots),
                   plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS))
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
         kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref,
-                                   seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, c=float(base2_scale(d)),
+                                   seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, streams=streams,
+                                   c=float(base2_scale(d)),
                                    p_in_registers=p_in_registers, interpret=interpret)
         pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
@@ -269,11 +297,11 @@ def sparse_attention(
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((b, l, h, d), out_dtype),
-        grid=(h, nq, b),
+        grid=(h, ctas, b),
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         kernel_name="sagesla_sparse_fwd_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
-    )(lut.astype(jnp.int32), q8, q_scale, k8, k_scale, transpose_values(v8, block_k, p_in_registers), v_scale)
+    )(lut, q8, q_scale, k8, k_scale, transpose_values(v8, block_k, p_in_registers), v_scale)
