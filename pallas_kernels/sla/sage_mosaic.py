@@ -42,10 +42,10 @@ from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_
 from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
 
 
-# Within each 16-key group, the key whose P column thread lane l of a row holds at position 4 * (l % 4) + e of the
-# 8-bit operand layout: the accumulator layout gives that lane columns 2c, 2c + 1, 2c + 8, 2c + 9 (c = l % 4).
+# KEY_ORDER[4c + e]: the key (within a 16-key group) at column 4c + e of P in registers as the 8-bit wgmma operand.
+# A lane l (c = l % 4) holds accumulator columns 2c, 2c + 1, 2c + 8, 2c + 9 of its rows, and the operand layout
+# reads that lane's four bytes as columns 4c, ..., 4c + 3.
 KEY_ORDER = np.array([0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15])
-
 
 BLOCK_QS = (WG_ROWS, COMPUTE_WGS * WG_ROWS)  # query block sizes: a LUT row per warpgroup, or one per CTA
 
