@@ -56,6 +56,20 @@ def test_generate_tiny_i2v_smoke_test(tmp_path, image_file, capsys):
     assert frames_of(tmp_path / "i2v.mp4").shape == (5, 48, 64, 3)
 
 
+def test_sla_blocks_reach_the_dit(tmp_path, monkeypatch):
+    """--attention sagesla --sla-topk 0.15 --sla-blocks 64x128 (TurboDiffusion's SageSLA blocks on an H100) builds
+    the DiT with that AttentionSpec, and the smoke test runs with it."""
+    from turbojax.models.attention import AttentionSpec
+
+    specs, tiny_dit = [], tiny.tiny_dit
+    monkeypatch.setattr(tiny, "tiny_dit", lambda seed, **kw: specs.append(kw["attention"]) or tiny_dit(seed, **kw))
+    out = tmp_path / "sage.mp4"
+    assert main(["generate", "--out", str(out), "--frames", "5", "--attention", "sagesla", "--sla-topk", "0.15",
+                 "--sla-blocks", "64x128"]) == 0
+    assert specs == [AttentionSpec("sagesla", topk=0.15, block_q=64, block_k=128)]
+    assert frames_of(out).shape == (5, 48, 80, 3)
+
+
 @pytest.mark.parametrize("args, match", [
     (["--prompt", ""], "prompt is empty"),
     (["--frames", "80"], "4k\\+1"),

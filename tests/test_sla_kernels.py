@@ -457,6 +457,7 @@ def test_top_k_blocks_keeps_one_or_all(n_sel):
         topk.top_k_blocks(scores, 38, interpret=True)
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 def test_top_k_blocks_lowers_for_an_h100():
     """Pallas -> Triton IR for the 14B model's block map ([1, 40, 591, 1182] scores, 118 selected): the scan, the
     scatter store and the 32-step loop all have Triton lowerings. Compiling the IR to PTX needs the GPU."""

@@ -5,6 +5,7 @@ preset, a smoke test with random weights. `turbojax bench` is the performance ha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention", default="dense", choices=["dense", "sla", "sagesla"],
                        help="self-attention: dense, TurboDiffusion's SLA, or SageSLA (SLA with int8/fp8 kernels)")
     group.add_argument("--sla-topk", type=float, default=0.1, help="SLA's kept key-block share (0.15 recommended)")
+    group.add_argument("--sla-blocks", default="128x64", choices=["128x64", "64x128"],
+                       help="SLA/SageSLA query x key block sizes: 128x64 (TurboDiffusion's SLA; its SageSLA off "
+                            "Hopper) or 64x128 (TurboDiffusion's SageSLA on an H100, which selects other key blocks)")
     group.add_argument("--linears", choices=["w8a8", "float"],
                        help="block Linears: w8a8 (TurboDiffusion's --quant_linear; quantises a bf16 folder at load) or "
                             "float (dequantises a -quant folder); default: w8a8 for -quant folders, else float")
@@ -98,9 +102,17 @@ def mp4_path(out: str) -> Path:
     return path
 
 
+def attention_option(args: argparse.Namespace):
+    """--attention with --sla-topk and --sla-blocks, as the pipelines' AttentionSpec."""
+    from turbojax.pipelines.pipeline import attention_spec
+
+    block_q, block_k = (int(n) for n in args.sla_blocks.split("x"))
+    return dataclasses.replace(attention_spec(args.attention, args.sla_topk), block_q=block_q, block_k=block_k)
+
+
 def check_request(args: argparse.Namespace) -> tuple[str, bool, dict]:
     """Everything that can be checked before loading: (kind, smoke test?, pipeline defaults + options)."""
-    from turbojax.pipelines.pipeline import attention_spec, check_folders
+    from turbojax.pipelines.pipeline import check_folders
 
     folders = checkpoint_folders(args)
     smoke = all(path is None for path in folders.values())
@@ -110,7 +122,7 @@ def check_request(args: argparse.Namespace) -> tuple[str, bool, dict]:
     if smoke and args.linears:
         raise ValueError("--linears applies to converted checkpoints (--dit ...); the tiny preset is float")
     kind = model_kind(args)
-    attention_spec(args.attention, args.sla_topk)
+    attention_option(args)
     if not smoke:
         if kind == "t2v" and args.low_dit:
             raise ValueError("--low-dit is the second expert of Wan2.2 I2V-A14B; --dit is a T2V model")
@@ -123,7 +135,7 @@ def load_pipeline(args: argparse.Namespace, kind: str, smoke: bool, *, keep_text
     from turbojax.pipelines import I2VPipeline, T2VPipeline
 
     progress = sys.stderr.isatty()
-    common = dict(attention=args.attention, sla_topk=args.sla_topk, keep_text_encoder=keep_text_encoder,
+    common = dict(attention=attention_option(args), keep_text_encoder=keep_text_encoder,
                   progress=progress, verbose=False)
     if kind == "i2v":
         offload = True if args.offload else None
