@@ -23,7 +23,8 @@ DENSE_IMPLEMENTATIONS = ("cudnn", "xla")
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """Self-attention algorithm and backend. topk/block_q/block_k only matter for SLA and SageSLA (acceleration.md
-    3.6; SageSLA keeps SLA's portable (128, 64) blocks on every GPU)."""
+    3.6; SageSLA keeps SLA's portable (128, 64) blocks on every GPU unless told otherwise: upstream's H100 runs
+    use (64, 128))."""
 
     kind: str = "dense"
     implementation: str | None = None
