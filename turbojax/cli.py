@@ -36,7 +36,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sla-topk", type=float, default=0.1, help="SLA's kept key-block share (0.15 recommended)")
     group.add_argument("--sla-blocks", default="128x64", choices=["128x64", "64x128"],
                        help="SLA/SageSLA query x key block sizes: 128x64 (TurboDiffusion's SLA; its SageSLA off "
-                            "Hopper) or 64x128 (TurboDiffusion's SageSLA on an H100, which selects other key blocks)")
+                            "Hopper) or 64x128 (TurboDiffusion's SageSLA on an H100, which selects other key blocks; "
+                            "with --attention sla it runs the slower Triton kernel); dense attention ignores it")
     group.add_argument("--linears", choices=["w8a8", "float"],
                        help="block Linears: w8a8 (TurboDiffusion's --quant_linear; quantises a bf16 folder at load) or "
                             "float (dequantises a -quant folder); default: w8a8 for -quant folders, else float")

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.devices import default_is_hopper
@@ -81,12 +81,20 @@ def _tiles(row_bytes: int):
     return plgpu.TilingTransform((8, row_bytes)), plgpu.SwizzleTransform(row_bytes)
 
 
+def to_key_order(p: jax.Array) -> jax.Array:
+    """[rows, cols] -> the same with the columns of each 16-column group in `KEY_ORDER`: column 16g + 8h + 2c + e
+    moves to 16g + 4c + 2h + e (what the register regrouping does to P, spelled out)."""
+    rows, cols = p.shape
+    return p.reshape(rows, cols // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
+
+
 def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
     """e4m3 P [64, bk] in the accumulator layout -> the A operand of the P.V wgmma. registers: its columns in
     `KEY_ORDER` within each 16-key group, compiled by regrouping the registers (each thread's two 2-byte vectors
     of a 16-column group become one 4-byte vector of the 8-bit operand layout; no byte moves). Otherwise, and in
     the interpreter (no register layouts; its wgmma reads A from shared memory only, so there the permutation is
-    spelled out), P is written to the warpgroup's tile p_smem [64, bk]."""
+    spelled out), P is written to the warpgroup's tile p_smem [64, bk]. The regrouping builds a FragmentedArray
+    from its registers (private fields of jax 0.11.2's Mosaic GPU, which the project pins)."""
     if registers and not interpret:
         @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
                            return_type=plgpu.ShapeDtypeStruct(p8.shape, p8.dtype, plgpu.Layout.WGMMA_8BIT))
@@ -99,8 +107,7 @@ def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
 
         return regroup(plgpu.layout_cast(p8, plgpu.Layout.WGMMA))
     if registers:
-        rows, cols = p8.shape  # column 16g + 8h + 2c + e goes to 16g + 4c + 2h + e: KEY_ORDER
-        p8 = p8.reshape(rows, cols // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
+        p8 = to_key_order(p8)
     p_smem[...] = p8
     plgpu.commit_smem()  # the P tile is read by the async proxy (wgmma) next
     return p_smem
@@ -111,7 +118,8 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
     [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory. streams: LUT rows
     per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2)."""
-    q_smem, k_smem, v_smem, vs_smem, o_smem, *p_smem = smem  # p_smem: [] when P stays in registers
+    q_smem, k_smem, v_smem, vs_smem, o_smem, *rest = smem
+    p_tiles = rest[0] if rest else None  # P's shared-memory tiles, absent when P stays in registers
     k_loaded, v_loaded, q_loaded, vs_loaded = loaded
     k_consumed, v_consumed = consumed
     bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
@@ -162,18 +170,18 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new - P_EXP_OFFSET, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
-            p8 = _p_operand(p.astype(FP8), p_smem[0].at[wg] if p_smem else None, registers=p_in_registers,
-                            interpret=interpret)
-            if p_smem:
+            p_op = _p_operand(p.astype(FP8), None if p_tiles is None else p_tiles.at[wg], registers=p_in_registers,
+                              interpret=interpret)
+            if p_tiles is None:  # the regrouped registers (4-byte vectors; accumulator-shaped e4m3 cannot be one)
+                acc, l, m_new, p_op = lax.optimization_barrier((acc, l, m_new, p_op))
+            else:
                 acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
-            else:  # the regrouped registers (4-byte vectors; the accumulator-shaped e4m3 cannot be a barrier operand)
-                acc, l, m_new, p8 = lax.optimization_barrier((acc, l, m_new, p8))
             plgpu.barrier_arrive(schedule)  # softmax done
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
             def pv_product(pv_ref):
-                plgpu.wgmma(pv_ref, p8, v_smem.at[slot * streams + stream].transpose((1, 0)))
+                plgpu.wgmma(pv_ref, p_op, v_smem.at[slot * streams + stream].transpose((1, 0)))
 
                 @pl.when(t + 1 < n_sel)
                 def _():
@@ -248,10 +256,9 @@ def sparse_attention(
 
     interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
     its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering. The
-    interpreter's barrier waits block inside XLA callbacks: on a 2-core CPU, with block_q = 64 inside a larger
-    jitted program (SageSLA with its linear branch), both compute warpgroups sat in barrier waits while the memory
-    warpgroup's program made no progress (a hang, apparently XLA's two intra-op threads taken by the waits);
-    interpret this kernel on its own there."""
+    interpreter's barrier waits block inside XLA callbacks; on a 2-core CPU it was seen to hang with block_q = 64
+    inside a larger jitted program (SageSLA with its linear branch: docs/PERF.md), so the tests interpret this
+    kernel on its own."""
     b, l, h, d = q8.shape
     nq, n_sel = lut.shape[2], lut.shape[3]
     if block_q not in BLOCK_QS or block_k not in (64, 128) or d not in (64, 128):
