@@ -236,12 +236,10 @@ def transpose_values(v8: jax.Array, block_k: int, key_order: bool) -> jax.Array:
     """e4m3 v8 [B, L, H, D] -> [B, H, D, L_pad], L_pad = L rounded up to block_k, zero-padded: the K-major layout
     of V for the 8-bit P.V (and 16-byte aligned rows for TMA); key_order: the tokens of each 16-token group in
     `KEY_ORDER`, the key order of P in registers."""
-    b, l, h, d = v8.shape
-    l_pad = pl.cdiv(l, block_k) * block_k
-    v8 = jnp.pad(v8, ((0, 0), (0, l_pad - l), (0, 0), (0, 0)))
-    if key_order:
-        v8 = v8.reshape(b, l_pad // 16, 16, h, d)[:, :, KEY_ORDER].reshape(b, l_pad, h, d)
-    return jnp.transpose(v8, (0, 2, 3, 1))
+    l = v8.shape[1]
+    vt = jnp.transpose(v8, (0, 2, 3, 1))
+    vt = jnp.pad(vt, ((0, 0), (0, 0), (0, 0), (0, pl.cdiv(l, block_k) * block_k - l)))
+    return to_key_order(vt.reshape(-1, vt.shape[-1])).reshape(vt.shape) if key_order else vt
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype", "config", "interpret"))
@@ -270,9 +268,9 @@ def sparse_attention(
     ctas = pl.cdiv(l, COMPUTE_WGS * WG_ROWS)
     # An odd count of 64-row blocks leaves the last CTA's second warpgroup rows past L (TMA reads them as zeros
     # and drops their writes): it walks a copy of the last LUT row with a unit q scale, to stay in the ping-pong.
-    pad = ((0, 0), (0, 0), (0, ctas * streams - nq))
     lut = lut.astype(jnp.int32)
     if ctas * streams != nq:
+        pad = ((0, 0), (0, 0), (0, ctas * streams - nq))
         lut = jnp.pad(lut, pad + ((0, 0),), mode="edge")
         q_scale = jnp.pad(q_scale, pad, constant_values=1.0)
     out_bytes = jnp.dtype(out_dtype).itemsize
