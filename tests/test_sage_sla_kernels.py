@@ -17,6 +17,7 @@ import pytest
 
 from pallas_kernels import sla
 from pallas_kernels.sla import reference, sage_mosaic, sage_reference, sage_triton
+from pallas_kernels.sla import triton as triton_sla
 
 ON_GPU = jax.default_backend() == "gpu"
 KERNELS = {"triton": sage_triton.sparse_attention, "mosaic": sage_mosaic.sparse_attention}
@@ -222,6 +223,19 @@ def test_quantize_kernel_lowers_to_triton_ir_for_an_h100():
     assert "__gpu$xla.gpu.triton" in text and "sagesla_quantize_blocks" in text
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("bq, bk", [(128, 64), (64, 128)])
+def test_dispatcher_quantisers_lower_to_triton_ir_for_an_h100(bq, bk):
+    """Pallas -> Triton IR for the pooling quantiser and the K-major V quantiser (the fp32 -> e4m3 cast and the
+    key-order transpose) at the 14B-720p shape."""
+    x = jax.ShapeDtypeStruct((1, 75600, 40, 128), jnp.bfloat16)
+    pool = functools.partial(sage_triton.pool_and_quantize, block_q=bq, block_k=bk)
+    values = functools.partial(sage_triton.quantize_values_transposed, block_k=bk, key_order=bk == 64)
+    text = _abstract_h100_lowering(lambda q, k, v, m: (pool(q, k, m), values(v)), x, x, x,
+                                   jax.ShapeDtypeStruct((1, 40, 128), jnp.bfloat16))
+    assert "sagesla_pool_quantize" in text and "sagesla_quantize_values" in text
+
+
 @pytest.mark.parametrize("bq, bk, p_in_registers", [(128, 64, None), (128, 128, None), (128, 128, True),
                                                     (64, 128, None), (64, 64, False)])
 def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bq, bk, p_in_registers):
@@ -351,6 +365,47 @@ def test_quantize_kernel_is_bit_exact(l, bq, bk, d, mean):
             assert _rel(got, want) <= 1e-6
         else:
             np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("l, bq, bk, d, rows", [(1000, 128, 64, 64, 128), (776, 64, 128, 128, 128),
+                                                (100, 128, 64, 64, 256)])  # 256 rows: a q block wholly past L
+def test_pool_and_quantize_is_bit_exact(l, bq, bk, d, rows):
+    """The block map's pooling pass with SageSLA's q/k quantisation (interpreted on the CPU, compiled on a GPU)
+    gives what the pooling kernel and the quantisers give as separate passes, bit for bit, at ragged lengths."""
+    q, k, _ = realistic_qkv(4, l, h=3, d=d)
+    k_mean = reference.key_mean(k)
+    pooled, ops = sage_triton.pool_and_quantize(q, k, k_mean, block_q=bq, block_k=bk, rows=rows,
+                                                interpret=not ON_GPU)
+    want = (*triton_sla.pooled_blocks(q, k, k_mean, block_q=bq, block_k=bk, interpret=not ON_GPU),
+            *sage_triton.quantize_blocks(q, block=bq, interpret=not ON_GPU),
+            *sage_triton.quantize_blocks(k, k_mean, block=bk, interpret=not ON_GPU))
+    for got, expected in zip((*pooled, *ops), want):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(expected.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("l, bk, d, key_order", [(200, 64, 64, True), (200, 64, 64, False), (136, 128, 128, False),
+                                                 (776, 64, 128, True)])
+def test_values_quantised_transposed_are_bit_exact(l, bk, d, key_order):
+    """V quantised by the Pallas-Triton pass that writes it K-major (interpreted on the CPU, compiled on a GPU) is
+    the reference's e4m3 V transposed, zero-padded to whole key blocks and, with key_order, in KEY_ORDER within each
+    16-token group: the same bytes as `transpose_values`, and the reference's scales (an all-zero channel too)."""
+    _, _, v = realistic_qkv(5, l, h=3, d=d)
+    v = v.at[..., 1].set(0)
+    vt, v_scale = sage_triton.quantize_values_transposed(v, block_k=bk, key_order=key_order, interpret=not ON_GPU)
+    v8, want_scale = sage_reference.quantize_v(v)
+    want = sage_mosaic.transpose_values(v8, bk, key_order)
+    assert vt.shape == want.shape == (1, 3, d, -(-l // bk) * bk) and vt.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(vt).view(np.uint8), np.asarray(want).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(v_scale), np.asarray(want_scale))
+
+
+def test_mosaic_kernel_refuses_a_token_major_v():
+    ops = _abstract_operands(1, 256, 2, 64, 128, 64, 0.5)
+    v8 = jnp.zeros(ops[4].shape, ops[4].dtype)
+    args = [jnp.zeros(o.shape, o.dtype) for o in ops]
+    with pytest.raises(ValueError, match=r"vt must be \[B, H, D, L rounded up to block_k\]"):
+        sage_mosaic.sparse_attention_kmajor(*args[:4], v8, *args[5:], block_q=128, block_k=64, interpret=True)
 
 
 def test_quantize_kernel_refuses_other_blocks():

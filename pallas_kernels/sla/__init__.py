@@ -7,9 +7,11 @@ one Pallas-Triton pass over q and k (`triton.pooled_blocks`) and the top-k a Pal
 sparse branch (where the time goes), compute the linear branch's per-head d x d state and the block map's key mean
 in one pass over k, v (`mosaic.key_statistics` by wgmma with the Mosaic kernels, else `triton.key_statistics`),
 and fuse the linear output, proj_l and the final sum into one more
-(`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises by
-`sage_triton.quantize`: q and k to int8 per block by a Pallas-Triton pass each (k mean-smoothed with the block map's
-key mean), v to e4m3 per channel in XLA; its sparse branch runs on those operands.
+(`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q
+and k to int8 per block in the block map's pooling pass (`sage_triton.pool_and_quantize`: the pooled keys are the
+mean-smoothed ones it quantises) and v to e4m3 per channel: for the Mosaic kernel by one Pallas-Triton pass that
+writes it K-major in P's key order (`sage_triton.quantize_values_transposed`), for the Triton kernel in XLA; its
+sparse branch runs on those operands.
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=N
     if impl != "triton":
         raise ValueError(f"unknown block-map implementation {impl!r}; available: reference, triton")
     k_mean = reference.key_mean(k) if k_mean is None else k_mean
-    scores = reference.pooled_scores(*triton.pooled_blocks(q, k, k_mean, block_q=block_q, block_k=block_k,
-                                                           interpret=interpret))
+    pooled = triton.pooled_blocks(q, k, k_mean, block_q=block_q, block_k=block_k, interpret=interpret)
+    return _top_k_of_pooled(*pooled, topk=topk, interpret=interpret)
+
+
+def _top_k_of_pooled(pooled_q, pooled_k, *, topk: float, interpret: bool):
+    """The block map from the pooled blocks (pooled_q [B, H, Nq, D], pooled centred keys [B, H, Nk, D]): their
+    scores in XLA, the top-k by `topk.top_k_blocks`."""
+    scores = reference.pooled_scores(pooled_q, pooled_k)
     return _topk.top_k_blocks(scores, num_selected_blocks(topk, scores.shape[-1]), interpret=interpret)
 
 
@@ -142,10 +150,16 @@ def sage_sla_attention(
                                                  proj_b=proj_b)
     stats = _key_statistics(impl, k, v, proj_w, interpret)
     k_mean = reference.key_mean(k) if stats is None else stats[2]  # one key mean for the block map and the smoothing
-    lut = block_map(q, k, topk=topk, block_q=block_q, block_k=block_k, k_mean=k_mean)
-    ops = sage_triton.quantize(q, k, v, block_q=block_q, block_k=block_k, k_mean=k_mean, interpret=interpret)
-    kernel = sage_triton.sparse_attention if impl == "triton" else sage_mosaic.sparse_attention
-    o_sparse = kernel(*ops, lut, block_q=block_q, block_k=block_k, out_dtype=q.dtype, interpret=interpret)
+    pooled, qk_ops = sage_triton.pool_and_quantize(q, k, k_mean, block_q=block_q, block_k=block_k,
+                                                   interpret=interpret)
+    lut = _top_k_of_pooled(*pooled, topk=topk, interpret=interpret)
+    blocks = dict(block_q=block_q, block_k=block_k, out_dtype=q.dtype, interpret=interpret)
+    if impl == "triton":
+        o_sparse = sage_triton.sparse_attention(*qk_ops, *sage_reference.quantize_v(v), lut, **blocks)
+    else:
+        key_order = sage_mosaic.SageMosaicConfig().registers(block_k)
+        v_ops = sage_triton.quantize_values_transposed(v, block_k=block_k, key_order=key_order, interpret=interpret)
+        o_sparse = sage_mosaic.sparse_attention_kmajor(*qk_ops, *v_ops, lut, **blocks)
     return _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret)
 
 

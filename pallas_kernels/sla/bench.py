@@ -9,8 +9,8 @@
 Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch state
 + fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU with MosaicConfig's defaults),
 and its parts alone (the Mosaic kernel once per --mosaic-blocks-per-step value, with its relative difference to the
-Triton kernel's output); SLA with the pure-XLA reference; SageSLA the same way (block map + quantisation of q, k, v
-+ int8/fp8 sparse kernel + the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the
+Triton kernel's output); SLA with the pure-XLA reference; SageSLA the same way (block map with q/k quantisation +
+v quantisation + int8/fp8 sparse kernel + the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the
 fastest bf16 SLA row's time over the SageSLA row's.
 Times are per call in steady state (`pallas_kernels.timing.bench`: median of --iters rounds of back-to-back
 calls, one synchronisation per round). Inputs: bf16 N(0,1) q, v and keys with a shared mean.
@@ -200,6 +200,13 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
     rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (Triton q/k, XLA v)",
                      ms=bench(lambda q, k, v, m: quantize(q, k, v, k_mean=m), q, k, v, k_mean, iters=iters)))
+    pool_quantize = jax.jit(functools.partial(sage_triton.pool_and_quantize, block_q=block_q, block_k=block_k))
+    rows.append(dict(heads=h, tokens=l, topk=topk, path="  block-map pooling + q/k quantisation (one Triton pass)",
+                     ms=bench(pool_quantize, q, k, k_mean, iters=iters)))
+    values = jax.jit(functools.partial(sage_triton.quantize_values_transposed, block_k=block_k,
+                                       key_order=sage_mosaic.SageMosaicConfig().registers(block_k)))
+    rows.append(dict(heads=h, tokens=l, topk=topk, path="  v quantised K-major for the Mosaic kernel (XLA max, Triton)",
+                     ms=bench(values, v, iters=iters)))
     rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (all XLA)",
                      ms=bench(xla_quantize, q, k, v, iters=iters)))
     if with_reference and h * l <= 40 * 32760:

@@ -16,7 +16,9 @@ One CTA per (head, 128 query rows, batch), with three warpgroups:
   one memory warpgroup reads lut[b, h, i, t] and issues TMA copies of the K tile (bk, D) and the V^T tile (D, bk)
       of key block lut[t] into a ring of shared-memory slots (with block_q = 64 a slot holds both LUT rows' tiles).
 8-bit wgmma operands must be K-major (no hardware transpose below 16 bits): V is therefore passed transposed,
-[B, H, D, L_pad] (the wrapper transposes and pads the e4m3 values), so its (D, bk) tile is K-major for P.V.
+[B, H, D, L_pad], so its (D, bk) tile is K-major for P.V: `sparse_attention_kmajor` takes it so (the dispatcher's V
+quantiser, `sage_triton.quantize_values_transposed`, writes it in that layout), `sparse_attention` transposes and
+pads token-major e4m3 values (`transpose_values`).
 Mosaic GPU has no relayout from the accumulator layout to the 8-bit register-operand layout (it would move bytes
 between threads); reading P's registers as the operand instead permutes its keys within each 16-key group
 (`KEY_ORDER`), and V's tokens stored in that order (as upstream's kernel does) leave the product unchanged.
@@ -249,8 +251,22 @@ def sparse_attention(
     config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
 ) -> jax.Array:
     """`sage_reference.sparse_attention` as a Mosaic GPU kernel; same operands (`sage_reference.quantize`) and
-    result. block_q 64 or 128, block_k 64 or 128. q_scale and k_scale must be positive, as the quantiser's are
-    (>= 1e-7): the masked logits are -inf before the scale multiplies them.
+    result: `sparse_attention_kmajor` after transposing v8 (`transpose_values`)."""
+    vt = transpose_values(v8, block_k, config.registers(block_k))
+    return sparse_attention_kmajor(q8, q_scale, k8, k_scale, vt, v_scale, lut, block_q=block_q, block_k=block_k,
+                                   out_dtype=out_dtype, config=config, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype", "config", "interpret"))
+def sparse_attention_kmajor(
+    q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, vt: jax.Array, v_scale: jax.Array,
+    lut: jax.Array, *, block_q: int, block_k: int, out_dtype=jnp.bfloat16,
+    config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
+) -> jax.Array:
+    """`sparse_attention` with V already K-major: vt e4m3 [B, H, D, L_pad] as `transpose_values` lays it out (in
+    `KEY_ORDER` where `config.registers(block_k)`), which `sage_triton.quantize_values_transposed` writes in its
+    quantisation pass. block_q 64 or 128, block_k 64 or 128. q_scale and k_scale must be positive, as the
+    quantiser's are (>= 1e-7): the masked logits are -inf before the scale multiplies them.
 
     interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
     its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering. The
@@ -264,6 +280,9 @@ def sparse_attention(
                          f"128; got ({block_q}, {block_k}), head_dim {d}")
     if nq != pl.cdiv(l, block_q):
         raise ValueError(f"lut has {nq} query blocks; L={l} with block_q={block_q} needs {pl.cdiv(l, block_q)}")
+    if vt.shape != (b, h, d, pl.cdiv(l, block_k) * block_k):
+        raise ValueError(f"vt must be [B, H, D, L rounded up to block_k] = {(b, h, d, pl.cdiv(l, block_k) * block_k)} "
+                         f"(transpose_values), got {vt.shape}")
     streams = COMPUTE_WGS * WG_ROWS // block_q
     ctas = pl.cdiv(l, COMPUTE_WGS * WG_ROWS)
     # An odd count of 64-row blocks leaves the last CTA's second warpgroup rows past L (TMA reads them as zeros
@@ -309,4 +328,4 @@ def sparse_attention(
         kernel_name="sagesla_sparse_fwd_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
-    )(lut, q8, q_scale, k8, k_scale, transpose_values(v8, block_k, p_in_registers), v_scale)
+    )(lut, q8, q_scale, k8, k_scale, vt, v_scale)

@@ -9,12 +9,15 @@ instructions: the Mosaic GPU kernel (`sage_mosaic`) is the fast path there.
 
 `quantize` prepares both kernels' operands: q and k to int8 by a Pallas-Triton pass each (one program per token
 block of one (batch, head), reading the tokens where they lie: XLA's version transposes to heads and back), v to
-e4m3 by XLA (a per-channel max over all tokens, then one scaling pass).
+e4m3 by XLA (a per-channel max over all tokens, then one scaling pass). The dispatcher (`sla.sage_sla_attention`)
+quantises q and k in the block map's pooling pass instead (`pool_and_quantize`), and for the Mosaic kernel writes
+v's e4m3 values K-major in one pass after XLA's per-channel max (`quantize_values_transposed`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.rounding import divide, round_to
-from pallas_kernels.sla import reference, sage_reference
-from pallas_kernels.sla.sage_reference import FP8, INT8_MAX, P_EXP_OFFSET, QK_SCALE_EPS, base2_scale
+from pallas_kernels.sla import reference, sage_reference, triton
+from pallas_kernels.sla.sage_reference import FP8, INT8_MAX, P_EXP_OFFSET, QK_SCALE_EPS, V_SCALE_MAX, base2_scale
 from pallas_kernels.sla.triton import TritonConfig
 
 
@@ -99,6 +102,25 @@ def sparse_attention(
     )(lut, q8, q_scale, k8, k_scale, v8, v_scale)
 
 
+def _int8_block(x: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """One block's `sage_reference.quantize_blocks` inside a kernel: x [block, D] fp32 (rows past L zero) ->
+    (int8 [block, D], its fp32 scale)."""
+    # Reduced one axis at a time: a full reduction does not trace for a GPU target under an explicit mesh.
+    scale = jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0) * np.float32(1 / INT8_MAX) + np.float32(QK_SCALE_EPS)
+    y = divide(x, jnp.full_like(x, scale), interpret)
+    # |y| < 127.5 (the scale exceeds max|x| / 127 but for rounding): y +- 0.5 truncated is y rounded half away from 0.
+    return (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int32).astype(jnp.int8), scale
+
+
+def _store_int8_block(x, ok, row0, block, o_ref, s_ref, *, seq_len, interpret):
+    """Quantise x [block, D] (rows past L zero; ok [block, 1] their mask) into o_ref [L, D] rows [row0, row0 +
+    block) and its scale into s_ref [N] at row0 // block (nothing where the block starts past L)."""
+    x8, scale = _int8_block(x, interpret)
+    pltr.store(o_ref.at[pl.ds(row0, block), :], x8, mask=ok)
+    pltr.store(s_ref.at[pl.ds(row0 // block, 1)], jnp.full((1,), scale, jnp.float32),
+               mask=jnp.full((1,), row0 < seq_len))
+
+
 def _quantize_kernel(x_ref, *refs, seq_len, block, smooth, interpret):
     """Token block i of this (batch, head), like `sage_reference.quantize_blocks`: x_ref [L, D]; with `smooth`, a
     mean_ref [D] whose difference from x is rounded to x's dtype first (`sage_reference.smooth_keys`); o_ref [L, D]
@@ -110,13 +132,56 @@ def _quantize_kernel(x_ref, *refs, seq_len, block, smooth, interpret):
     x = pltr.load(x_ref.at[rows, :], mask=ok, other=0.0).astype(jnp.float32)
     if smooth:
         x = jnp.where(ok, round_to(x - mean_ref[...].astype(jnp.float32)[None, :], x_ref.dtype, interpret), 0.0)
-    # Reduced one axis at a time: a full reduction does not trace for a GPU target under an explicit mesh.
-    scale = jnp.max(jnp.max(jnp.abs(x), axis=1), axis=0) * np.float32(1 / INT8_MAX) + np.float32(QK_SCALE_EPS)
-    y = divide(x, jnp.full_like(x, scale), interpret)
-    # |y| < 127.5 (the scale exceeds max|x| / 127 but for rounding): y +- 0.5 truncated is y rounded half away from 0.
-    x8 = (y + jnp.where(y >= 0, 0.5, -0.5)).astype(jnp.int32).astype(jnp.int8)
-    pltr.store(o_ref.at[rows, :], x8, mask=ok)
-    pltr.store(s_ref.at[pl.ds(i, 1)], jnp.full((1,), scale, jnp.float32))
+    _store_int8_block(x, ok, i * block, block, o_ref, s_ref, seq_len=seq_len, interpret=interpret)
+
+
+def _pool_quantize_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, q8_ref, qs_ref, k8_ref, ks_ref, *, seq_len,
+                          block_q, block_k, chunk, interpret):
+    """`triton._pool_kernel`'s block means over rows [s * chunk, (s + 1) * chunk), and the same blocks quantised
+    (`_quantize_kernel`, k smoothed by the pooling's centring): q8_ref, k8_ref [L, D] int8, qs_ref [Nq], ks_ref [Nk]
+    fp32 scales."""
+    start = pl.program_id(0) * chunk
+    for j in range(chunk // block_q):
+        row0 = start + j * block_q
+        x, ok = triton.pool_block(q_ref, pq_ref, row0, block_q, None, seq_len=seq_len, interpret=interpret)
+        _store_int8_block(x, ok, row0, block_q, q8_ref, qs_ref, seq_len=seq_len, interpret=interpret)
+    for j in range(chunk // block_k):
+        row0 = start + j * block_k
+        x, ok = triton.pool_block(k_ref, pk_ref, row0, block_k, kmean_ref[...], seq_len=seq_len, interpret=interpret)
+        _store_int8_block(x, ok, row0, block_k, k8_ref, ks_ref, seq_len=seq_len, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "rows", "num_warps", "interpret"))
+def pool_and_quantize(q: jax.Array, k: jax.Array, k_mean: jax.Array, *, block_q: int, block_k: int, rows: int = 128,
+                      num_warps: int = 8, interpret: bool = False):
+    """`triton.pooled_blocks` and `quantize_blocks` of q and of k smoothed by k_mean in one pass over q and k
+    [B, L, H, D]: ((pooled q [B, H, Nq, D], pooled centred k [B, H, Nk, D]), (q8, q_scale [B, H, Nq], k8,
+    k_scale [B, H, Nk])). The block map's pooling and SageSLA's quantisation read the same blocks (the pooled
+    keys are the smoothed ones), so one pass serves both. rows: as `triton.pooled_blocks`'. The defaults measured
+    fastest on an H100 (docs/PERF.md): 0.234 ms at H = 12, L = 32,760, where the pooling and the two quantisers
+    take 0.09 + 0.09 + 0.10 ms as separate passes; 256-row programs with 4 warps took 0.75 ms."""
+    b, l, h, d = q.shape
+    if any(n & (n - 1) for n in (block_q, block_k, d)):
+        raise ValueError(f"the Triton pooling quantiser needs power-of-two blocks and head_dim; got ({block_q}, "
+                         f"{block_k}), head_dim={d}")
+    chunk = pl.cdiv(rows, math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
+    nq, nk = pl.cdiv(l, block_q), pl.cdiv(l, block_k)
+    seq = pl.BlockSpec((None, l, None, d), lambda s, bi, hi: (bi, 0, hi, 0))
+    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda s, bi, hi: (bi, hi) + (0,) * len(shape))
+    pq, pk, q8, q_scale, k8, k_scale = pl.pallas_call(
+        functools.partial(_pool_quantize_kernel, seq_len=l, block_q=block_q, block_k=block_k, chunk=chunk,
+                          interpret=interpret),
+        grid=(pl.cdiv(l, chunk), b, h),
+        in_specs=[seq, seq, per_head(d)],
+        out_specs=[per_head(nq, d), per_head(nk, d), seq, per_head(nq), seq, per_head(nk)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nq, d), q.dtype), jax.ShapeDtypeStruct((b, h, nk, d), k.dtype),
+                   jax.ShapeDtypeStruct(q.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nq), jnp.float32),
+                   jax.ShapeDtypeStruct(k.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nk), jnp.float32)],
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sagesla_pool_quantize",
+    )(q, k, k_mean.astype(k.dtype))
+    return (pq, pk), (q8, q_scale, k8, k_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
@@ -142,6 +207,51 @@ def quantize_blocks(x: jax.Array, mean: jax.Array | None = None, *, block: int, 
         interpret=interpret,
         name="sagesla_quantize_blocks",
     )(x, *([mean.astype(x.dtype)] if smooth else []))
+
+
+def _values_kernel(v_ref, recip_ref, o_ref, *, seq_len, block, key_order):
+    """Token block i of this (batch, head): v_ref [L, D] -> o_ref [D, L_pad] columns i * block + [0, block), the
+    e4m3 values of `sage_reference.quantize_v` (recip_ref [D]: 2.25 / amax per channel), transposed; key_order:
+    the tokens of each 16-token group in `sage_mosaic.KEY_ORDER` (token 16g + 8h + 2c + e at column
+    16g + 4c + 2h + e). Tokens past L are zeros."""
+    i = pl.program_id(0)
+    ok = (i * block + jnp.arange(block) < seq_len)[:, None]
+    x = pltr.load(v_ref.at[pl.ds(i * block, block), :], mask=ok, other=0.0).astype(jnp.float32)
+    v8 = (x * recip_ref[...][None, :]).astype(FP8)  # [block, D]
+    d = v8.shape[1]
+    vt = v8.reshape(block // 16, 2, 4, 2, d).transpose(4, 0, 2, 1, 3).reshape(d, block) if key_order else v8.T
+    o_ref[:, pl.ds(i * block, block)] = vt
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "key_order", "block", "num_warps", "interpret"))
+def quantize_values_transposed(v: jax.Array, *, block_k: int, key_order: bool, block: int | None = None,
+                               num_warps: int = 4, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`sage_reference.quantize_v` of v [B, L, H, D] written K-major for an 8-bit P.V: (e4m3 [B, H, D, L_pad],
+    fp32 per-channel scales [B, H, D]), L_pad = L rounded up to block_k, zero-padded; key_order: the tokens of each
+    16-token group in `sage_mosaic.KEY_ORDER` (P's key order when the Mosaic kernel reads P from registers).
+    The same bytes as transposing `quantize_v`'s output (`sage_mosaic.transpose_values`), in one pass over v after
+    XLA's per-channel max: XLA's transpose with the key permutation took 0.40 ms alone at H=12, L=32,760 (H100).
+    block: tokens per program (a power of two >= 16 dividing L_pad; None: block_k)."""
+    b, l, h, d = v.shape
+    block = block or block_k
+    l_pad = pl.cdiv(l, block_k) * block_k
+    if block % 16 or block & (block - 1) or l_pad % block or d & (d - 1):
+        raise ValueError(f"the Triton V quantiser needs a power-of-two block >= 16 dividing L_pad={l_pad} and a "
+                         f"power-of-two head_dim; got block={block}, head_dim={d}")
+    amax = jnp.max(jnp.abs(v), axis=1).astype(jnp.float32)  # [B, H, D]
+    recip = jnp.where(amax > 0, V_SCALE_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    vt = pl.pallas_call(
+        functools.partial(_values_kernel, seq_len=l, block=block, key_order=key_order),
+        grid=(l_pad // block, b, h),
+        in_specs=[pl.BlockSpec((None, l, None, d), lambda i, bi, hi: (bi, 0, hi, 0)),
+                  pl.BlockSpec((None, None, d), lambda i, bi, hi: (bi, hi, 0))],
+        out_specs=pl.BlockSpec((None, None, d, l_pad), lambda i, bi, hi: (bi, hi, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, d, l_pad), FP8),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sagesla_quantize_values",
+    )(v, recip)
+    return vt, amax * np.float32(1 / V_SCALE_MAX)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))

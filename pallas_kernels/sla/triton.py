@@ -225,30 +225,31 @@ def linear_state(k: jax.Array, v: jax.Array, **launch):
     return kv, k_sum
 
 
+def pool_block(x_ref, out_ref, row0, block: int, center, *, seq_len: int, interpret: bool):
+    """The mean of x_ref [L, D] rows [row0, row0 + block) (minus `center` [D], rounded to x's dtype, where given)
+    stored at row row0 // block of out_ref [N, D], like `reference.pooled_blocks`: sums in fp32, divided by the real
+    row count. Returns the block's rows in fp32 ([block, D], centred, rows past L zero) and their mask [block, 1],
+    for a caller that has more to do with them (`sage_triton.pool_and_quantize`)."""
+    ok = (row0 + jnp.arange(block) < seq_len)[:, None]
+    x = pltr.load(x_ref.at[pl.ds(row0, block), :], mask=ok, other=0.0).astype(jnp.float32)
+    if center is not None:
+        x = jnp.where(ok, round_to(x - center.astype(jnp.float32)[None, :], x_ref.dtype, interpret), 0.0)
+    total = jnp.sum(x, axis=0, keepdims=True)
+    count = jnp.clip(seq_len - row0, 1, block).astype(jnp.float32)  # 1 past the end: not stored
+    blk = row0 // block
+    mean = divide(total, jnp.full_like(total, count), interpret)  # IEEE: the ragged last block's count
+    pltr.store(out_ref.at[pl.ds(blk, 1), :], mean.astype(out_ref.dtype), mask=jnp.full(mean.shape, blk * block < seq_len))
+    return x, ok
+
+
 def _pool_kernel(q_ref, k_ref, kmean_ref, pq_ref, pk_ref, *, seq_len, block_q, block_k, chunk, interpret):
     """Block means over rows [s * chunk, (s + 1) * chunk) of this (batch, head): q_ref, k_ref [L, D]; kmean_ref [D];
-    pq_ref [Nq, D] and pk_ref [Nk, D] take the means of q's and of (k - k_mean)'s blocks, like
-    `reference.pooled_blocks`: the centred keys rounded to k's dtype, sums in fp32, divided by the real row count."""
+    pq_ref [Nq, D] and pk_ref [Nk, D] take the means of q's and of (k - k_mean)'s blocks (`pool_block`)."""
     start = pl.program_id(0) * chunk
-    d = q_ref.shape[-1]
-
-    def pool(x_ref, out_ref, block, center):
-        for j in range(chunk // block):
-            row0 = start + j * block
-            ok = (row0 + jnp.arange(block) < seq_len)[:, None]
-            x = pltr.load(x_ref.at[pl.ds(row0, block), :], mask=ok, other=0.0)
-            x = x.astype(jnp.float32)
-            if center is not None:
-                x = round_to(x - center.astype(jnp.float32)[None, :], k_ref.dtype, interpret)
-            total = jnp.sum(jnp.where(ok, x, 0.0), axis=0, keepdims=True)
-            count = jnp.clip(seq_len - row0, 1, block).astype(jnp.float32)  # 1 past the end: not stored
-            blk = row0 // block
-            mean = divide(total, jnp.full_like(total, count), interpret)  # IEEE: the ragged last block's count
-            pltr.store(out_ref.at[pl.ds(blk, 1), :], mean.astype(out_ref.dtype),
-                       mask=jnp.full((1, d), blk * block < seq_len))
-
-    pool(q_ref, pq_ref, block_q, None)
-    pool(k_ref, pk_ref, block_k, kmean_ref[...])
+    for j in range(chunk // block_q):
+        pool_block(q_ref, pq_ref, start + j * block_q, block_q, None, seq_len=seq_len, interpret=interpret)
+    for j in range(chunk // block_k):
+        pool_block(k_ref, pk_ref, start + j * block_k, block_k, kmean_ref[...], seq_len=seq_len, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "rows", "num_warps", "interpret"))
