@@ -702,7 +702,7 @@ def test_gpu_mosaic_bits_promotion_exact_at_extreme_sums(overlap):
 def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, k, tile_n, overlap, int_to_float):
     """Rows that fill no whole 128-row tile (TMA drops the stores past M), both CTA widths, the serial and the
     overlapped K loops, both int32 -> fp32 promotions, and the bias epilogue: the bf16 output with bias is exactly
-    the kernel's fp32 output rounded, then + bias in bf16; K = 640 pads the scale rows for TMA (5 -> 8 columns)."""
+    the kernel's fp32 output rounded, then + bias in bf16; K = 640 pads the scale rows for TMA (5 -> 32 columns)."""
     assert ON_GPU, "needs a GPU"
     cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap, int_to_float=int_to_float)
     x_q, x_scale, w_q, w_scale = _random_operands(m, m, k, 512)
@@ -712,6 +712,24 @@ def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, k, tile_n, overlap, int_to_
     assert y32.shape == (m, 512) and _rel(y32, ref) <= 1e-5
     y = mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, bias=bias, config=cfg)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(reference.round_and_add_bias(y32, jnp.bfloat16, bias)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile_n, overlap, cluster", [(256, False, 1), (128, True, 1), (256, False, 2)])
+def test_gpu_mosaic_persistent_ctas_match_one_tile_per_cta(tile_n, overlap, cluster):
+    """The persistent grid (one CTA, or CTA pair, per SM walking several tiles: the ring and the double-buffered
+    scale rows and bias run on across tiles) gives the same bytes as one tile per CTA, at 256 row tiles (several
+    tiles per CTA, a ragged last row tile) and K = 640 (an odd count of K steps, scale rows padded for TMA)."""
+    assert ON_GPU, "needs a GPU"
+    x_q, x_scale, w_q, w_scale = _random_operands(7, BENCH_M, 640, 1024)
+    bias = jnp.asarray(np.random.default_rng(7).standard_normal(1024) * 100, jnp.bfloat16)
+    outs = []
+    for persistent in (True, False):
+        cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap, cluster=cluster, persistent=persistent)
+        outs.append(np.asarray(mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, bias=bias, config=cfg)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    y32 = reference.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32)
+    assert _rel(outs[0].astype(np.float32), reference.round_and_add_bias(y32, jnp.bfloat16, bias)) <= 1e-2
 
 
 def test_mosaic_refuses_shapes_it_cannot_tile():

@@ -14,8 +14,12 @@ int32 -> fp32 is exact either way (|block sum| <= 2^21): cvt.rn.f32.s32 (`int_to
 "bits": add the bits of 1.5 * 2^23 (`MAGIC_BITS`) to the sum, read the result as the float 1.5 * 2^23 + sum and
 subtract 1.5 * 2^23 (an integer add and an fp32 subtraction instead of the conversion; slower on an H100 in 11 of 12
 comparisons, by 1-15%: docs/PERF.md).
-The scales of the CTA's tile (one x row, n_sub w rows of K/128 each) are staged in shared memory by TMA at the start.
+The scales of a tile (one x row, n_sub w rows of K/128 each) and its bias are staged in shared memory by TMA.
 Tiles are visited in groups of `group_m` row tiles per column tile, so the x rows of a group stay in L2.
+The grid is persistent (`MosaicConfig.persistent`): one CTA (or CTA pair) per SM walks tiles i, i + grid, ... and
+the ring runs on across them, so the next tile's first K blocks load while the compute warpgroups store the last
+one; the scales and bias sit in two buffers (tile parity). On an H100 that gained 13-15% at K = 1536 and 6-8% at
+K = 5120 over one tile per CTA, the same bytes (docs/PERF.md).
 With `cluster=2` two CTAs of a cluster compute vertically adjacent tiles (rows mi and mi + 1 of one column tile) and
 share each w K-tile: both issue the same TMA copy with `collective_axes="cluster"`, each loads half and multicasts it
 to both, so a CTA moves 16 KB of x + 16 KB of w per K step instead of 16 + 32 KB (128 x 256 tiles). A ring slot is
@@ -37,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.devices import default_is_hopper
+from pallas_kernels.devices import default_is_hopper, num_sms
 from pallas_kernels.int8_matmul.reference import BLOCK, check_gemm_operands, num_blocks
 from pallas_kernels.int8_matmul.triton import MAGIC, MAGIC_BITS
 
@@ -58,7 +62,8 @@ class MosaicConfig:
     two int32 accumulators per warpgroup, so the next K block's wgmma runs during this one's promotion (with
     tile_n 256 the two fp32 accumulators leave no registers for a second int32 one).
     Defaults: the fastest of `bench.py --sweep` on an H100, int_to_float from separate A/B runs (docs/PERF.md);
-    with the staged scales, tile_n 256 and a bf16 output, shared memory caps the ring at 3 slots."""
+    with the staged scales, tile_n 256 and a bf16 output, shared memory caps the ring at 3 slots. persistent: one
+    CTA (pair) per SM walking several tiles, else one per tile (the same results)."""
 
     tile_n: int = 256
     max_concurrent_steps: int = 5
@@ -66,6 +71,7 @@ class MosaicConfig:
     int_to_float: str = "convert"
     overlap: bool = True
     cluster: int = 2
+    persistent: bool = True
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -110,34 +116,31 @@ def _grouped_tile(pid, grid_m: int, grid_n: int, group_m: int):
     return first_m + lax.rem(in_group, rows_here), lax.div(in_group, rows_here)
 
 
-def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consumed,
-            *, grid_m, grid_n, k_steps, slots, cluster, cfg: MosaicConfig):
-    """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt4] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt4] fp32 (kt4: the
-    K/128 scale columns padded to a multiple of 4 for TMA), bias_ref [N] in the output dtype or None, o_ref [M, N];
-    all in global memory."""
+def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consumed, scales_free,
+            *, grid_m, grid_n, k_steps, slots, cluster, n_ctas, cfg: MosaicConfig):
+    """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt] fp32 (kt: the
+    K/128 scale columns padded for TMA, `_scale_cols`), bias_ref [N] in the output dtype or None, o_ref [M, N];
+    all in global memory. The CTA (or CTA pair) computes tiles (pairs) i, i + n_ctas, ... of the grouped order: the
+    ring's K steps run on across its tiles (step g of the CTA: slot g % slots), so the memory warpgroup loads the
+    next tile's first K blocks while the compute warpgroups finish the last one and store it. The tile's scale rows
+    and bias sit in one of two shared-memory buffers (tile parity), refilled once both compute warpgroups are done
+    with the tile two before (`scales_free`)."""
     x_smem, w_smem, out_smem, bias_smem, xs_smem, ws_smem = smem
-    x_loaded, w_loaded, bias_loaded, scales_loaded = loaded
+    x_loaded, w_loaded, scales_loaded = loaded
     n_sub = cfg.tile_n // BLOCK  # 128-column products per K step
-    pair_m, ni = _grouped_tile(lax.axis_index("tiles"), grid_m // cluster, grid_n, max(1, cfg.group_m // cluster))
-    mi = pair_m * cluster + (lax.axis_index("cluster") if cluster > 1 else 0)
+    pairs = grid_m // cluster * grid_n
+    cta = lax.axis_index("tiles")
+    my_tiles = lax.div(pairs - cta + n_ctas - 1, n_ctas)
     wg = lax.axis_index("wg")
-    tile_rows, tile_cols = pl.ds(mi * BLOCK, BLOCK), pl.ds(ni * cfg.tile_n, cfg.tile_n)
+
+    def tile_coords(j):
+        """Row and column tile of this CTA's j-th tile."""
+        pair_m, ni = _grouped_tile(cta + j * n_ctas, grid_m // cluster, grid_n, max(1, cfg.group_m // cluster))
+        return pair_m * cluster + (lax.axis_index("cluster") if cluster > 1 else 0), ni
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-
-        # The tile's scales, staged in shared memory: read from global memory in the K loop, as before, they were
-        # its only global loads, and ncu put a third of the warps' stall cycles on waits for global loads.
-        @pl.when(wg == 0)
-        def _():
-            plgpu.copy_gmem_to_smem(xs_ref.at[mi], xs_smem, scales_loaded)
-            plgpu.copy_gmem_to_smem(ws_ref.at[pl.ds(ni * n_sub, n_sub)], ws_smem, scales_loaded)
-            if bias_ref is not None:
-                plgpu.copy_gmem_to_smem(bias_ref.at[tile_cols], bias_smem, bias_loaded)
-
-        plgpu.barrier_wait(scales_loaded)
-
         x_rows = pl.ds(wg * WG_ROWS, WG_ROWS)
 
         def to_f32(total):
@@ -163,74 +166,83 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             as fp32 [64, 128]."""
             return to_f32(pl.run_state(lambda acc_ref: multiply(acc_ref, slot, j))(plgpu.ACC.init(zeros_i32())))
 
-        def scales(t):
-            """sx * sw of K block t for each of the n_sub 128-column products."""
-            return tuple(xs_smem[t] * ws_smem[j, t] for j in range(n_sub))
+        def tile(jt, _):
+            """This CTA's jt-th tile: its K loop from ring step jt * k_steps on, then its store."""
+            mi, ni = tile_coords(jt)
+            buf = lax.rem(jt, 2)
+            first = jt * k_steps
+            xs_tile, ws_tile = xs_smem.at[buf], ws_smem.at[buf]
+            plgpu.barrier_wait(scales_loaded.at[buf])
 
-        def step(t, carry):
-            """The scales of block t + 1 are read here, before the products: read after the wgmma wait, they kept
-            block j's fp32 sum alive across block j + 1's product and ptxas spilled registers (2x slower at tile_n
-            256)."""
-            accs, block_scales = carry
-            slot = lax.rem(t, slots)
-            upcoming = scales(jnp.minimum(t + 1, k_steps - 1))
-            wait_loaded(slot)
-            sums = [block_sum(slot, j) for j in range(n_sub)]
-            plgpu.barrier_arrive(consumed.at[slot])
-            return tuple(acc + part * s for acc, part, s in zip(accs, sums, block_scales)), upcoming
+            def scales(t):
+                """sx * sw of K block t for each of the n_sub 128-column products."""
+                return tuple(xs_tile[t] * ws_tile[j, t] for j in range(n_sub))
 
-        def overlapped(acc):
-            """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs while
-            block t is promoted (wait_n=1 leaves one product in flight)."""
-            def issue(t, acc_ref):
-                slot = lax.rem(t, slots)
+            def step(t, carry):
+                """The scales of block t + 1 are read here, before the products: read after the wgmma wait, they
+                kept block j's fp32 sum alive across block j + 1's product and ptxas spilled registers (2x slower
+                at tile_n 256)."""
+                accs, block_scales = carry
+                slot = lax.rem(first + t, slots)
+                upcoming = scales(jnp.minimum(t + 1, k_steps - 1))
                 wait_loaded(slot)
-                acc_ref[...] = zeros_i32()
-                multiply(acc_ref, slot)
+                sums = [block_sum(slot, j) for j in range(n_sub)]
+                plgpu.barrier_arrive(consumed.at[slot])
+                return tuple(acc + part * s for acc, part, s in zip(accs, sums, block_scales)), upcoming
 
-            def retire(t, acc_ref, acc, wait_n, scale):
-                total = plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n)
-                plgpu.barrier_arrive(consumed.at[lax.rem(t, slots)])
-                return acc + to_f32(total) * scale
+            def overlapped(acc):
+                """n_sub == 1, k_steps even, >= 2 slots: two int32 accumulators, so K block t + 1's wgmma runs
+                while block t is promoted (wait_n=1 leaves one product in flight)."""
+                def issue(t, acc_ref):
+                    slot = lax.rem(first + t, slots)
+                    wait_loaded(slot)
+                    acc_ref[...] = zeros_i32()
+                    multiply(acc_ref, slot)
 
-            def run(a_ref, b_ref):
-                def pair(p, acc):
-                    t = 2 * p
-                    (s0,), (s1,) = scales(t), scales(t + 1)  # read before the wgmmas (see `step`)
-                    issue(t + 1, b_ref)
-                    acc = retire(t, a_ref, acc, 1, s0)
-                    issue(t + 2, a_ref)
-                    return retire(t + 1, b_ref, acc, 1, s1)
+                def retire(t, acc_ref, acc, wait_n, scale):
+                    total = plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n)
+                    plgpu.barrier_arrive(consumed.at[lax.rem(first + t, slots)])
+                    return acc + to_f32(total) * scale
 
-                issue(0, a_ref)
-                out = lax.fori_loop(0, k_steps // 2 - 1, pair, acc)
-                (s0,), (s1,) = scales(k_steps - 2), scales(k_steps - 1)
-                issue(k_steps - 1, b_ref)
-                out = retire(k_steps - 2, a_ref, out, 1, s0)
-                return retire(k_steps - 1, b_ref, out, 0, s1)
+                def run(a_ref, b_ref):
+                    def pair(p, acc):
+                        t = 2 * p
+                        (s0,), (s1,) = scales(t), scales(t + 1)  # read before the wgmmas (see `step`)
+                        issue(t + 1, b_ref)
+                        acc = retire(t, a_ref, acc, 1, s0)
+                        issue(t + 2, a_ref)
+                        return retire(t + 1, b_ref, acc, 1, s1)
 
-            acc_type = plgpu.ACC((WG_ROWS, BLOCK), jnp.int32)
-            return pl.run_scoped(run, acc_type, acc_type)
+                    issue(0, a_ref)
+                    out = lax.fori_loop(0, k_steps // 2 - 1, pair, acc)
+                    (s0,), (s1,) = scales(k_steps - 2), scales(k_steps - 1)
+                    issue(k_steps - 1, b_ref)
+                    out = retire(k_steps - 2, a_ref, out, 1, s0)
+                    return retire(k_steps - 1, b_ref, out, 0, s1)
 
-        zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, BLOCK), f32), plgpu.Layout.WGMMA)
-        # Two products in flight need two ring slots: with one, issuing block t + 1 would wait for the release of
-        # block t, which comes only after it is retired.
-        if cfg.overlap and n_sub == 1 and k_steps % 2 == 0 and slots >= 2:
-            accs = (overlapped(zeros),)
-        else:
-            accs, _ = lax.fori_loop(0, k_steps, step, ((zeros,) * n_sub, scales(0)))
-        if bias_ref is not None:
-            plgpu.barrier_wait(bias_loaded)
-        rows = pl.ds(mi * BLOCK + wg * WG_ROWS, WG_ROWS)
-        for j, acc in enumerate(accs):
-            y = acc.astype(o_ref.dtype)
-            if bias_ref is not None:
-                bias = plgpu.load(bias_smem.at[pl.ds(j * BLOCK, BLOCK)], layout=plgpu.Layout.WGMMA.reduce(0))
-                y = (y.astype(f32) + lax.broadcast_in_dim(bias.astype(f32), y.shape, [1])).astype(o_ref.dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile's previous store has been read
-            out_smem.at[wg][...] = y
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], o_ref.at[rows, pl.ds(ni * cfg.tile_n + j * BLOCK, BLOCK)])
+                acc_type = plgpu.ACC((WG_ROWS, BLOCK), jnp.int32)
+                return pl.run_scoped(run, acc_type, acc_type)
+
+            zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, BLOCK), f32), plgpu.Layout.WGMMA)
+            # Two products in flight need two ring slots: with one, issuing block t + 1 would wait for the release
+            # of block t, which comes only after it is retired.
+            if cfg.overlap and n_sub == 1 and k_steps % 2 == 0 and slots >= 2:
+                accs = (overlapped(zeros),)
+            else:
+                accs, _ = lax.fori_loop(0, k_steps, step, ((zeros,) * n_sub, scales(0)))
+            rows = pl.ds(mi * BLOCK + wg * WG_ROWS, WG_ROWS)
+            for j, acc in enumerate(accs):
+                y = acc.astype(o_ref.dtype)
+                if bias_ref is not None:
+                    bias = plgpu.load(bias_smem.at[buf, pl.ds(j * BLOCK, BLOCK)], layout=plgpu.Layout.WGMMA.reduce(0))
+                    y = (y.astype(f32) + lax.broadcast_in_dim(bias.astype(f32), y.shape, [1])).astype(o_ref.dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile's previous store has been read
+                out_smem.at[wg][...] = y
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg], o_ref.at[rows, pl.ds(ni * cfg.tile_n + j * BLOCK, BLOCK)])
+            plgpu.barrier_arrive(scales_free.at[buf])  # this tile's scales and bias are read
+
+        lax.fori_loop(0, my_tiles, tile, None)
         # Only until the shared memory is read: the writes land by the kernel's end, as in CUTLASS's
         # epilogues; waiting for them held each CTA's exit and the next CTA's start on this SM.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -239,40 +251,64 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch(t, slot):
-            ks = pl.ds(t * BLOCK, BLOCK)
-            plgpu.copy_gmem_to_smem(xq_ref.at[tile_rows, ks], x_smem.at[slot], x_loaded.at[slot])
-            plgpu.copy_gmem_to_smem(wq_ref.at[tile_cols, ks], w_smem.at[slot], w_loaded.at[slot],
-                                    collective_axes="cluster" if cluster > 1 else None)
+        def fetch(g, slot):
+            """Ring step g: K block g % k_steps of this CTA's tile g // k_steps."""
+            mi, ni = tile_coords(lax.div(g, k_steps))
+            ks = pl.ds(lax.rem(g, k_steps) * BLOCK, BLOCK)
+            plgpu.copy_gmem_to_smem(xq_ref.at[pl.ds(mi * BLOCK, BLOCK), ks], x_smem.at[slot], x_loaded.at[slot])
+            plgpu.copy_gmem_to_smem(wq_ref.at[pl.ds(ni * cfg.tile_n, cfg.tile_n), ks], w_smem.at[slot],
+                                    w_loaded.at[slot], collective_axes="cluster" if cluster > 1 else None)
 
-        for t in range(slots):
-            fetch(t, t)
+        def load_scales(jt):
+            """Tile jt's scale rows and bias into buffer jt % 2, once the tile two before has released it."""
+            mi, ni = tile_coords(jt)
+            buf = lax.rem(jt, 2)
 
-        @pl.loop(slots, k_steps)
-        def _refill(t):
-            slot = lax.rem(t, slots)
-            plgpu.barrier_wait(consumed.at[slot])
-            fetch(t, slot)
+            @pl.when(jt >= 2)
+            def _():
+                plgpu.barrier_wait(scales_free.at[buf])
+
+            plgpu.copy_gmem_to_smem(xs_ref.at[mi], xs_smem.at[buf], scales_loaded.at[buf])
+            plgpu.copy_gmem_to_smem(ws_ref.at[pl.ds(ni * n_sub, n_sub)], ws_smem.at[buf], scales_loaded.at[buf])
+            if bias_ref is not None:
+                plgpu.copy_gmem_to_smem(bias_ref.at[pl.ds(ni * cfg.tile_n, cfg.tile_n)], bias_smem.at[buf],
+                                        scales_loaded.at[buf])
+
+        total = my_tiles * k_steps
+
+        @pl.loop(0, total)
+        def _ring(g):
+            slot = lax.rem(g, slots)
+
+            @pl.when(lax.rem(g, k_steps) == 0)
+            def _():
+                load_scales(lax.div(g, k_steps))
+
+            @pl.when(g >= slots)
+            def _():
+                plgpu.barrier_wait(consumed.at[slot])
+
+            fetch(g, slot)
 
         if cluster > 1:
             # The last `slots` releases, which also count the other CTA's compute warpgroups: after them no remote
             # arrival or multicast write can still target this CTA.
-            @pl.loop(k_steps - slots, k_steps)
-            def _quiesce(t):
-                plgpu.barrier_wait(consumed.at[lax.rem(t, slots)])
+            @pl.loop(jnp.maximum(total - slots, 0), total)
+            def _quiesce(g):
+                plgpu.barrier_wait(consumed.at[lax.rem(g, slots)])
 
 
 def _scale_cols(k_steps: int) -> int:
-    """The K/128 scale columns padded to a multiple of 4: the scale rows are staged in shared memory by TMA, whose
-    rows must be multiples of 16 bytes."""
-    return -(-k_steps // 4) * 4
+    """The K/128 scale columns padded to a multiple of 32: the scale rows are staged in shared memory by TMA into two
+    buffers, and the second one's start, like every TMA destination, must be 128-byte aligned."""
+    return -(-k_steps // 32) * 32
 
 
 def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
     """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles and the
     scale rows; the 4096-byte margin covers the barriers and the rounding of every allocation up to 1024 bytes."""
-    scale_bytes = (1 + config.tile_n // BLOCK) * 4 * _scale_cols(k_steps)
-    out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + config.tile_n * 4 + scale_bytes
+    scale_bytes = 2 * (1 + config.tile_n // BLOCK) * 4 * _scale_cols(k_steps)  # two buffers
+    out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + 2 * config.tile_n * 4 + scale_bytes
     fit = (SMEM_BYTES - out_bytes - 4096) // (BLOCK * BLOCK + config.tile_n * BLOCK)
     return max(1, min(config.max_concurrent_steps, k_steps, fit))
 
@@ -296,8 +332,10 @@ def int8_block_matmul(
     cluster = config.cluster if grid_m % config.cluster == 0 else 1
     int8_tile, out_tile = _tiling(jnp.int8), _tiling(out_dtype)
     has_bias = bias is not None
-    kt4 = _scale_cols(k_steps)
-    x_scale, w_scale = (jnp.pad(s, ((0, 0), (0, kt4 - k_steps))) if kt4 != k_steps else s for s in (x_scale, w_scale))
+    kt = _scale_cols(k_steps)
+    pairs = grid_m * grid_n // cluster
+    n_ctas = min(pairs, num_sms() // cluster) if config.persistent else pairs
+    x_scale, w_scale = (jnp.pad(s, ((0, 0), (0, kt - k_steps))) if kt != k_steps else s for s in (x_scale, w_scale))
 
     def entry(xq_ref, xs_ref, wq_ref, ws_ref, *rest):
         bias_ref, o_ref = (rest[0], rest[1]) if has_bias else (None, rest[0])
@@ -305,20 +343,23 @@ def int8_block_matmul(
             plgpu.SMEM((slots, BLOCK, BLOCK), jnp.int8, transforms=int8_tile),
             plgpu.SMEM((slots, config.tile_n, BLOCK), jnp.int8, transforms=int8_tile),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, BLOCK), out_dtype, transforms=out_tile),
-            plgpu.SMEM((config.tile_n,), out_dtype),
-            plgpu.SMEM((kt4,), jnp.float32),
-            plgpu.SMEM((config.tile_n // BLOCK, kt4), jnp.float32),
+            plgpu.SMEM((2, config.tile_n), out_dtype),  # [tile parity]: bias, scale rows
+            plgpu.SMEM((2, kt), jnp.float32),
+            plgpu.SMEM((2, config.tile_n // BLOCK, kt), jnp.float32),
         )
-        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots), plgpu.Barrier(),
-                  plgpu.Barrier(num_arrivals=2))  # the two scale copies
+        # scales_loaded counts the copies of a tile's two scale rows and bias
+        loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+                  plgpu.Barrier(num_arrivals=2 + has_bias, num_barriers=2))
         if cluster > 1:
             consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=COMPUTE_WGS,
                                             num_barriers=slots)
         else:
             consumed = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots)
         kernel = functools.partial(_kernel, xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, grid_m=grid_m,
-                                   grid_n=grid_n, k_steps=k_steps, slots=slots, cluster=cluster, cfg=config)
-        pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed, collective_axes="wg")
+                                   grid_n=grid_n, k_steps=k_steps, slots=slots, cluster=cluster, n_ctas=n_ctas,
+                                   cfg=config)
+        pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
+                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2), collective_axes="wg")
 
     # TMA needs the row count of a global array to be below 8 or a multiple of 8: pad x_q's rows (never across a
     # 128-row scale block, so x_scale stays) and slice the output.
@@ -328,7 +369,7 @@ def int8_block_matmul(
     out = plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
-        grid=(grid_m * grid_n // cluster,),
+        grid=(n_ctas,),
         grid_names=("tiles",),
         **(dict(cluster=(cluster,), cluster_names=("cluster",)) if cluster > 1 else {}),
         num_threads=COMPUTE_WGS + 1,
