@@ -715,17 +715,21 @@ def test_gpu_mosaic_ragged_rows_and_bias_epilogue(m, k, tile_n, overlap, int_to_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile_n, overlap, cluster", [(256, False, 1), (128, True, 1), (256, False, 2)])
-def test_gpu_mosaic_persistent_ctas_match_one_tile_per_cta(tile_n, overlap, cluster):
+@pytest.mark.parametrize("tile_n, overlap, cluster, k, slots", [(256, False, 1, 640, 5), (128, True, 1, 1536, 5),
+                                                              (256, False, 2, 640, 5), (256, False, 1, 1664, 4)])
+def test_gpu_mosaic_persistent_ctas_match_one_tile_per_cta(tile_n, overlap, cluster, k, slots):
     """The persistent grid (one CTA, or CTA pair, per SM walking several tiles: the ring and the double-buffered
     scale rows and bias run on across tiles) gives the same bytes as one tile per CTA, at 256 row tiles (several
-    tiles per CTA, a ragged last row tile) and K = 640 (an odd count of K steps, scale rows padded for TMA)."""
+    tiles per CTA, a ragged last row tile): K = 640 (5 K steps, an odd count; scale rows padded for TMA), 1536 (12,
+    even: the overlapped loop, whose ring of 5 slots then wraps at another slot in each tile) and 1664 (13 steps
+    through 4 slots, 13 scale columns)."""
     assert ON_GPU, "needs a GPU"
-    x_q, x_scale, w_q, w_scale = _random_operands(7, BENCH_M, 640, 1024)
+    x_q, x_scale, w_q, w_scale = _random_operands(7, BENCH_M, k, 1024)
     bias = jnp.asarray(np.random.default_rng(7).standard_normal(1024) * 100, jnp.bfloat16)
     outs = []
     for persistent in (True, False):
-        cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap, cluster=cluster, persistent=persistent)
+        cfg = mosaic.MosaicConfig(tile_n=tile_n, overlap=overlap, cluster=cluster, persistent=persistent,
+                                  max_concurrent_steps=slots)
         outs.append(np.asarray(mosaic.int8_block_matmul(x_q, x_scale, w_q, w_scale, bias=bias, config=cfg)))
     np.testing.assert_array_equal(outs[0], outs[1])
     y32 = reference.int8_block_matmul(x_q, x_scale, w_q, w_scale, out_dtype=jnp.float32)

@@ -368,10 +368,12 @@ def test_quantize_kernel_is_bit_exact(l, bq, bk, d, mean):
 
 
 @pytest.mark.parametrize("l, bq, bk, d, rows", [(1000, 128, 64, 64, 128), (776, 64, 128, 128, 128),
-                                                (100, 128, 64, 64, 256)])  # 256 rows: a q block wholly past L
+                                                (100, 128, 64, 64, 256)])
 def test_pool_and_quantize_is_bit_exact(l, bq, bk, d, rows):
     """The block map's pooling pass with SageSLA's q/k quantisation (interpreted on the CPU, compiled on a GPU)
-    gives what the pooling kernel and the quantisers give as separate passes, bit for bit, at ragged lengths."""
+    gives what the pooling kernel and the quantisers give as separate passes, bit for bit, at ragged lengths (with
+    256-row programs at L = 100 a q block lies wholly past L; the interpreter drops a store out of bounds, so the GPU
+    test below is the one that would see its scale land in the next head's row)."""
     q, k, _ = realistic_qkv(4, l, h=3, d=d)
     k_mean = reference.key_mean(k)
     pooled, ops = sage_triton.pool_and_quantize(q, k, k_mean, block_q=bq, block_k=bk, rows=rows,
@@ -381,6 +383,20 @@ def test_pool_and_quantize_is_bit_exact(l, bq, bk, d, rows):
             *sage_triton.quantize_blocks(k, k_mean, block=bk, interpret=not ON_GPU))
     for got, expected in zip((*pooled, *ops), want):
         assert got.shape == expected.shape and got.dtype == expected.dtype
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(expected.astype(jnp.float32)))
+
+
+@pytest.mark.gpu
+def test_gpu_pool_and_quantize_at_the_720p_length():
+    """L = 75,600 with 256-row programs (296 per head): the last program of every head holds a q block wholly past
+    L, whose scale store must be masked (unmasked, it overwrote the next head's first scale). Against the separate
+    pooling and quantisation passes, bit for bit, all heads."""
+    q, k, _ = realistic_qkv(8, 75600, h=3, d=64)
+    k_mean = reference.key_mean(k)
+    pooled, ops = sage_triton.pool_and_quantize(q, k, k_mean, block_q=128, block_k=64, rows=256)
+    want = (*triton_sla.pooled_blocks(q, k, k_mean, block_q=128, block_k=64),
+            *sage_triton.quantize_blocks(q, block=128), *sage_triton.quantize_blocks(k, k_mean, block=64))
+    for got, expected in zip((*pooled, *ops), want):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(expected.astype(jnp.float32)))
 
 

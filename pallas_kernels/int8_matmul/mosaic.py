@@ -19,7 +19,8 @@ Tiles are visited in groups of `group_m` row tiles per column tile, so the x row
 The grid is persistent (`MosaicConfig.persistent`): one CTA (or CTA pair) per SM walks tiles i, i + grid, ... and
 the ring runs on across them, so the next tile's first K blocks load while the compute warpgroups store the last
 one; the scales and bias sit in two buffers (tile parity). On an H100 that gained 13-15% at K = 1536 and 6-8% at
-K = 5120 over one tile per CTA, the same bytes (docs/PERF.md).
+K = 5120 over one tile per CTA, 2% at 8960 x 1536 and -2% at 13,824 x 5120 (within the spread), the same bytes
+(docs/PERF.md).
 With `cluster=2` two CTAs of a cluster compute vertically adjacent tiles (rows mi and mi + 1 of one column tile) and
 share each w K-tile: both issue the same TMA copy with `collective_axes="cluster"`, each loads half and multicasts it
 to both, so a CTA moves 16 KB of x + 16 KB of w per K step instead of 16 + 32 KB (128 x 256 tiles). A ring slot is
@@ -119,7 +120,7 @@ def _grouped_tile(pid, grid_m: int, grid_n: int, group_m: int):
 def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consumed, scales_free,
             *, grid_m, grid_n, k_steps, slots, cluster, n_ctas, cfg: MosaicConfig):
     """xq_ref [M, K] int8, xs_ref [ceil(M/128), kt] fp32, wq_ref [N, K] int8, ws_ref [N/128, kt] fp32 (kt: the
-    K/128 scale columns padded for TMA, `_scale_cols`), bias_ref [N] in the output dtype or None, o_ref [M, N];
+    K/128 scale columns padded to a multiple of 4 for TMA), bias_ref [N] in the output dtype or None, o_ref [M, N];
     all in global memory. The CTA (or CTA pair) computes tiles (pairs) i, i + n_ctas, ... of the grouped order: the
     ring's K steps run on across its tiles (step g of the CTA: slot g % slots), so the memory warpgroup loads the
     next tile's first K blocks while the compute warpgroups finish the last one and store it. The tile's scale rows
@@ -244,7 +245,7 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
 
         lax.fori_loop(0, my_tiles, tile, None)
         # Only until the shared memory is read: the writes land by the kernel's end, as in CUTLASS's
-        # epilogues; waiting for them held each CTA's exit and the next CTA's start on this SM.
+        # epilogues; with one tile per CTA, waiting for them held each CTA's exit and the next CTA's start.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -268,8 +269,13 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
             def _():
                 plgpu.barrier_wait(scales_free.at[buf])
 
-            plgpu.copy_gmem_to_smem(xs_ref.at[mi], xs_smem.at[buf], scales_loaded.at[buf])
-            plgpu.copy_gmem_to_smem(ws_ref.at[pl.ds(ni * n_sub, n_sub)], ws_smem.at[buf], scales_loaded.at[buf])
+            # One copy per scale row, each to the start of a 128-byte aligned shared-memory row (TMA destinations
+            # must be): the rows in global memory stay padded to 4 columns only, so no call pads them further.
+            kt = xs_ref.shape[1]
+            plgpu.copy_gmem_to_smem(xs_ref.at[mi], xs_smem.at[buf, pl.ds(0, kt)], scales_loaded.at[buf])
+            for j in range(n_sub):
+                plgpu.copy_gmem_to_smem(ws_ref.at[ni * n_sub + j], ws_smem.at[buf, j, pl.ds(0, kt)],
+                                        scales_loaded.at[buf])
             if bias_ref is not None:
                 plgpu.copy_gmem_to_smem(bias_ref.at[pl.ds(ni * cfg.tile_n, cfg.tile_n)], bias_smem.at[buf],
                                         scales_loaded.at[buf])
@@ -293,21 +299,26 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
         if cluster > 1:
             # The last `slots` releases, which also count the other CTA's compute warpgroups: after them no remote
             # arrival or multicast write can still target this CTA.
-            @pl.loop(jnp.maximum(total - slots, 0), total)
+            @pl.loop(total - slots, total)  # total >= k_steps >= slots
             def _quiesce(g):
                 plgpu.barrier_wait(consumed.at[lax.rem(g, slots)])
 
 
 def _scale_cols(k_steps: int) -> int:
-    """The K/128 scale columns padded to a multiple of 32: the scale rows are staged in shared memory by TMA into two
-    buffers, and the second one's start, like every TMA destination, must be 128-byte aligned."""
+    """The K/128 scale columns padded to a multiple of 4: TMA copies rows of multiples of 16 bytes."""
+    return -(-k_steps // 4) * 4
+
+
+def _smem_scale_cols(k_steps: int) -> int:
+    """Columns of a scale row in shared memory: a multiple of 32, so that every row of the two buffers starts
+    128-byte aligned, as TMA destinations must (a row at 48 bytes faulted with a misaligned address)."""
     return -(-k_steps // 32) * 32
 
 
 def _slots(out_dtype, k_steps: int, config: MosaicConfig) -> int:
     """Ring depth: what the config asks, at most the K steps and what fits next to the output staging tiles and the
     scale rows; the 4096-byte margin covers the barriers and the rounding of every allocation up to 1024 bytes."""
-    scale_bytes = 2 * (1 + config.tile_n // BLOCK) * 4 * _scale_cols(k_steps)  # two buffers
+    scale_bytes = 2 * (1 + config.tile_n // BLOCK) * 4 * _smem_scale_cols(k_steps)  # two buffers
     out_bytes = COMPUTE_WGS * WG_ROWS * BLOCK * jnp.dtype(out_dtype).itemsize + 2 * config.tile_n * 4 + scale_bytes
     fit = (SMEM_BYTES - out_bytes - 4096) // (BLOCK * BLOCK + config.tile_n * BLOCK)
     return max(1, min(config.max_concurrent_steps, k_steps, fit))
@@ -344,12 +355,12 @@ def int8_block_matmul(
             plgpu.SMEM((slots, config.tile_n, BLOCK), jnp.int8, transforms=int8_tile),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, BLOCK), out_dtype, transforms=out_tile),
             plgpu.SMEM((2, config.tile_n), out_dtype),  # [tile parity]: bias, scale rows
-            plgpu.SMEM((2, kt), jnp.float32),
-            plgpu.SMEM((2, config.tile_n // BLOCK, kt), jnp.float32),
+            plgpu.SMEM((2, _smem_scale_cols(k_steps)), jnp.float32),
+            plgpu.SMEM((2, config.tile_n // BLOCK, _smem_scale_cols(k_steps)), jnp.float32),
         )
-        # scales_loaded counts the copies of a tile's two scale rows and bias
+        # scales_loaded counts the copies of a tile's scale rows (one x row, tile_n / 128 w rows) and bias
         loaded = (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-                  plgpu.Barrier(num_arrivals=2 + has_bias, num_barriers=2))
+                  plgpu.Barrier(num_arrivals=1 + config.tile_n // BLOCK + has_bias, num_barriers=2))
         if cluster > 1:
             consumed = plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=COMPUTE_WGS,
                                             num_barriers=slots)

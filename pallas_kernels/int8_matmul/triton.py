@@ -147,17 +147,17 @@ def _per_element_under_vmap(activation, interpret: bool):
     return quantize
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "num_warps"))
-def _quantize(x: jax.Array, *, activation, interpret: bool, num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """num_warps None: 8 for the plain tile, 16 with the GELU, whose per-element work (tanhf) wants the most warps
-    in flight. H100, one process (docs/PERF.md): plain 0.066 ms against 0.082 with 4 warps at 32,760 x 1536, equal
+@functools.partial(jax.jit, static_argnames=("activation", "interpret"))
+def _quantize(x: jax.Array, *, activation, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """8 warps for the plain tile, 16 with the GELU, whose per-element work (tanhf) wants the most warps in
+    flight. H100, one process (docs/PERF.md): plain 0.066 ms against 0.082 with 4 warps at 32,760 x 1536, equal
     at 32,760 x 8960; with the GELU 0.461 against 0.770 ms at 32,760 x 8960 (0.613 vs 0.988 ms at 75,600 x 5120);
     the codes do not depend on it."""
     check_quantize_input(x)
     m, k = x.shape
     _check_offsets(x=(m, k))
     grid = (num_blocks(m), num_blocks(k))
-    num_warps = num_warps or (16 if activation else 8)
+    num_warps = 16 if activation else 8
     return tuple(pl.pallas_call(
         functools.partial(_quantize_kernel, m=m, k=k, activation=activation, interpret=interpret),
         grid=grid,

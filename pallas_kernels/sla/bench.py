@@ -6,12 +6,12 @@
     python -m pallas_kernels.sla.bench --prep-sweep    # launch configs of the key-statistics and pooling passes
     python -m pallas_kernels.sla.bench --mosaic-blocks-per-step 1 2    # the Mosaic kernel alone with each
 
-Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch state
-+ fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU with MosaicConfig's defaults),
-and its parts alone (the Mosaic kernel once per --mosaic-blocks-per-step value, with its relative difference to the
-Triton kernel's output); SLA with the pure-XLA reference; SageSLA the same way (block map with q/k quantisation +
-v quantisation + int8/fp8 sparse kernel + the same linear branch), its parts, and its pure-XLA reference. "vs bf16 SLA" is the
-fastest bf16 SLA row's time over the SageSLA row's.
+Rows: cuDNN dense attention (the baseline); SLA as the DiT calls it (block map + sparse kernel + linear-branch
+state + fused linear output/proj_l/sum) with each sparse kernel (Pallas-Triton, Mosaic GPU with MosaicConfig's
+defaults), and its parts alone (the Mosaic kernel once per --mosaic-blocks-per-step value, with its relative
+difference to the Triton kernel's output); SLA with the pure-XLA reference; SageSLA the same way (block map with q/k
+quantisation + v quantisation + int8/fp8 sparse kernel + the same linear branch), its parts, and its pure-XLA
+reference. "vs bf16 SLA" is the fastest bf16 SLA row's time over the SageSLA row's.
 Times are per call in steady state (`pallas_kernels.timing.bench`: median of --iters rounds of back-to-back
 calls, one synchronisation per round). Inputs: bf16 N(0,1) q, v and keys with a shared mean.
 """
@@ -32,7 +32,8 @@ from pallas_kernels.timing import bench
 
 SHAPES = [(12, 32760), (40, 32760), (40, 75600)]  # (heads, tokens): 1.3B-480p, 14B-480p, 14B-720p
 TOPKS = [0.1, 0.15]
-SAGE_KERNELS = {"triton": sage_triton.sparse_attention, "mosaic": sage_mosaic.sparse_attention}
+# The sparse kernels as the dispatcher calls them: the Mosaic one on V already K-major (quantize_values_transposed).
+SAGE_KERNELS = {"triton": sage_triton.sparse_attention, "mosaic": sage_mosaic.sparse_attention_kmajor}
 
 
 def inputs(h: int, l: int, seed: int = 0):
@@ -175,14 +176,18 @@ def cos_sim(a, b) -> float:
 
 def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_ms, sla_out, with_reference):
     """SageSLA as the DiT calls it with each sparse kernel (with its cos-sim to a bf16 SLA kernel's output), the
-    kernel alone on quantised operands, the quantisation (as the kernel paths run it, and all in XLA), and (at the
-    two smaller shapes) the pure-XLA reference."""
+    kernel alone on quantised operands (V K-major for the Mosaic kernel, as the dispatcher passes it), the
+    quantisation (the dispatcher's passes, the separate token-major passes, and all in XLA), and (at the two smaller
+    shapes) the pure-XLA reference."""
     q, k, v, w, b = qkvwb
     rows, results = [], {}
     quantize = jax.jit(functools.partial(sage_triton.quantize, block_q=block_q, block_k=block_k))
     xla_quantize = jax.jit(functools.partial(sage_reference.quantize, block_q=block_q, block_k=block_k))
+    values = jax.jit(functools.partial(sage_triton.quantize_values_transposed, block_k=block_k,
+                                       key_order=sage_mosaic.SageMosaicConfig().registers(block_k)))
     k_mean = reference.key_mean(k)  # the dispatcher takes it from the key-statistics pass, outside the quantisation
     ops = quantize(q, k, v, k_mean=k_mean)
+    kernel_ops = {"triton": ops, "mosaic": (*ops[:4], *values(v))}
     for name, kernel in SAGE_KERNELS.items():
         full = jax.jit(functools.partial(sla.sage_sla_attention, topk=topk, block_q=block_q, block_k=block_k,
                                          implementation=name))
@@ -196,15 +201,13 @@ def sage_rows(h, l, topk, qkvwb, lut, *, iters, block_q, block_k, dense_ms, sla_
                          ms=ms, vs_cudnn=dense_ms / ms, vs_sla=sla_ms / ms,
                          cos_vs_sla=None if sla_out is None else cos_sim(results[name], sla_out)))
         rows.append(dict(heads=h, tokens=l, topk=topk, path=f"  {name} SageSLA sparse kernel alone",
-                         ms=bench(sparse, *ops, lut, iters=iters)))
+                         ms=bench(sparse, *kernel_ops[name], lut, iters=iters)))
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
-    rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (Triton q/k, XLA v)",
+    rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation, separate passes (Triton q/k, XLA v)",
                      ms=bench(lambda q, k, v, m: quantize(q, k, v, k_mean=m), q, k, v, k_mean, iters=iters)))
     pool_quantize = jax.jit(functools.partial(sage_triton.pool_and_quantize, block_q=block_q, block_k=block_k))
     rows.append(dict(heads=h, tokens=l, topk=topk, path="  block-map pooling + q/k quantisation (one Triton pass)",
                      ms=bench(pool_quantize, q, k, k_mean, iters=iters)))
-    values = jax.jit(functools.partial(sage_triton.quantize_values_transposed, block_k=block_k,
-                                       key_order=sage_mosaic.SageMosaicConfig().registers(block_k)))
     rows.append(dict(heads=h, tokens=l, topk=topk, path="  v quantised K-major for the Mosaic kernel (XLA max, Triton)",
                      ms=bench(values, v, iters=iters)))
     rows.append(dict(heads=h, tokens=l, topk=topk, path="  SageSLA quantisation of q, k, v (all XLA)",

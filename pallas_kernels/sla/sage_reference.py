@@ -86,6 +86,7 @@ def quantize_qk(q: jax.Array, k: jax.Array, *, block_q: int, block_k: int, smoot
     return q8, q_scale, k8, k_scale
 
 
+@jax.jit
 def quantize_v(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """v [B, L, H, D] -> (e4m3 [B, L, H, D], fp32 per-channel scales [B, H, D]): v8 = e4m3(v * (2.25/amax)),
     v ~ v8 * v_scale with v_scale = amax/2.25, amax = max over the L tokens of |v|."""

@@ -7,11 +7,12 @@ e4m3(P~) . e4m3 V into a fresh fp32 block product added to the rescaled accumula
 epilogue. Triton lowers the e4m3 dot on Hopper to f16 mma.sync (e4m3 values are exact in f16), not fp8 tensor-core
 instructions: the Mosaic GPU kernel (`sage_mosaic`) is the fast path there.
 
-`quantize` prepares both kernels' operands: q and k to int8 by a Pallas-Triton pass each (one program per token
-block of one (batch, head), reading the tokens where they lie: XLA's version transposes to heads and back), v to
-e4m3 by XLA (a per-channel max over all tokens, then one scaling pass). The dispatcher (`sla.sage_sla_attention`)
-quantises q and k in the block map's pooling pass instead (`pool_and_quantize`), and for the Mosaic kernel writes
-v's e4m3 values K-major in one pass after XLA's per-channel max (`quantize_values_transposed`).
+`quantize` gives both kernels' token-major operands (the tests' and the benchmark's): q and k to int8 by a
+Pallas-Triton pass each (one program per token block of one (batch, head), reading the tokens where they lie: XLA's
+version transposes to heads and back), v to e4m3 by XLA (a per-channel max over all tokens, then one scaling pass).
+The dispatcher (`sla.sage_sla_attention`) quantises q and k in the block map's pooling pass instead
+(`pool_and_quantize`), and for the Mosaic kernel writes v's e4m3 values K-major in one pass after XLA's
+per-channel max (`quantize_values_transposed`).
 """
 
 from __future__ import annotations
@@ -217,32 +218,32 @@ def _values_kernel(v_ref, recip_ref, o_ref, *, seq_len, block, key_order):
     i = pl.program_id(0)
     ok = (i * block + jnp.arange(block) < seq_len)[:, None]
     x = pltr.load(v_ref.at[pl.ds(i * block, block), :], mask=ok, other=0.0).astype(jnp.float32)
-    v8 = (x * recip_ref[...][None, :]).astype(FP8)  # [block, D]
+    # Tokens past L are zeros also where amax is subnormal and its reciprocal inf (0 * inf would be NaN).
+    v8 = jnp.where(ok, x * recip_ref[...][None, :], 0.0).astype(FP8)  # [block, D]
     d = v8.shape[1]
     vt = v8.reshape(block // 16, 2, 4, 2, d).transpose(4, 0, 2, 1, 3).reshape(d, block) if key_order else v8.T
     o_ref[:, pl.ds(i * block, block)] = vt
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "key_order", "block", "num_warps", "interpret"))
-def quantize_values_transposed(v: jax.Array, *, block_k: int, key_order: bool, block: int | None = None,
-                               num_warps: int = 4, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("block_k", "key_order", "num_warps", "interpret"))
+def quantize_values_transposed(v: jax.Array, *, block_k: int, key_order: bool, num_warps: int = 4,
+                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """`sage_reference.quantize_v` of v [B, L, H, D] written K-major for an 8-bit P.V: (e4m3 [B, H, D, L_pad],
     fp32 per-channel scales [B, H, D]), L_pad = L rounded up to block_k, zero-padded; key_order: the tokens of each
     16-token group in `sage_mosaic.KEY_ORDER` (P's key order when the Mosaic kernel reads P from registers).
     The same bytes as transposing `quantize_v`'s output (`sage_mosaic.transpose_values`), in one pass over v after
     XLA's per-channel max: XLA's transpose with the key permutation took 0.40 ms alone at H=12, L=32,760 (H100).
-    block: tokens per program (a power of two >= 16 dividing L_pad; None: block_k)."""
+    One program per key block of one (batch, head) (128-token programs measured the same)."""
     b, l, h, d = v.shape
-    block = block or block_k
     l_pad = pl.cdiv(l, block_k) * block_k
-    if block % 16 or block & (block - 1) or l_pad % block or d & (d - 1):
-        raise ValueError(f"the Triton V quantiser needs a power-of-two block >= 16 dividing L_pad={l_pad} and a "
-                         f"power-of-two head_dim; got block={block}, head_dim={d}")
+    if block_k % 16 or block_k & (block_k - 1) or d & (d - 1):
+        raise ValueError(f"the Triton V quantiser needs a power-of-two block_k >= 16 and head_dim; got "
+                         f"block_k={block_k}, head_dim={d}")
     amax = jnp.max(jnp.abs(v), axis=1).astype(jnp.float32)  # [B, H, D]
     recip = jnp.where(amax > 0, V_SCALE_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)
     vt = pl.pallas_call(
-        functools.partial(_values_kernel, seq_len=l, block=block, key_order=key_order),
-        grid=(l_pad // block, b, h),
+        functools.partial(_values_kernel, seq_len=l, block=block_k, key_order=key_order),
+        grid=(l_pad // block_k, b, h),
         in_specs=[pl.BlockSpec((None, l, None, d), lambda i, bi, hi: (bi, 0, hi, 0)),
                   pl.BlockSpec((None, None, d), lambda i, bi, hi: (bi, hi, 0))],
         out_specs=pl.BlockSpec((None, None, d, l_pad), lambda i, bi, hi: (bi, hi, 0, 0)),

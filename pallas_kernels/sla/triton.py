@@ -238,7 +238,8 @@ def pool_block(x_ref, out_ref, row0, block: int, center, *, seq_len: int, interp
     count = jnp.clip(seq_len - row0, 1, block).astype(jnp.float32)  # 1 past the end: not stored
     blk = row0 // block
     mean = divide(total, jnp.full_like(total, count), interpret)  # IEEE: the ragged last block's count
-    pltr.store(out_ref.at[pl.ds(blk, 1), :], mean.astype(out_ref.dtype), mask=jnp.full(mean.shape, blk * block < seq_len))
+    pltr.store(out_ref.at[pl.ds(blk, 1), :], mean.astype(out_ref.dtype),
+               mask=jnp.full(mean.shape, blk * block < seq_len))
     return x, ok
 
 
