@@ -510,7 +510,8 @@ def test_load_dit_linears(converted, tmp_path):
     assert dit.linears == "w8a8" and dit.blocks.ffn.fc1.weight is None
     np.testing.assert_array_equal(np.asarray(dit.blocks.ffn.fc1.int8_weight[...])[1],
                                   quant["blocks.1.ffn.0.int8_weight"])
-    np.testing.assert_array_equal(np.asarray(dit.blocks.cross_attn.o.scale[...])[0], quant["blocks.0.cross_attn.o.scale"])
+    np.testing.assert_array_equal(np.asarray(dit.blocks.cross_attn.o.scale[...])[0],
+                                  quant["blocks.0.cross_attn.o.scale"])
     assert dit.blocks.self_attn.proj_l.weight[...].dtype == jnp.bfloat16  # never quantised
     assert dit.patch_embedding.weight[...].dtype == jnp.bfloat16
 

@@ -7,13 +7,13 @@ division is `div.full.f32` (approximate), so 128 / amax is the IEEE `div.rn.f32`
 interpreter's division is already IEEE).
 
 `int8_block_matmul`: one program per [block_m, block_n] output tile, in grouped order (consecutive programs walk
-group_m row tiles down one column tile, so they share its w_q tiles in L2). It walks K in 128-wide steps, one per scale block: an int8 x int8 -> int32 tensor-core
-dot of x_q [block_m, 128] and w_q [block_n, 128] (both K-contiguous, the layout 8-bit wgmma needs:
-kernels-landscape.md 1.2), then promotes that exact block sum to fp32 and adds it, times sx * sw, into the fp32
-accumulator. block_m divides 128, so sx is one scalar per program and K step; sw varies along N and is read as a
-[block_n] vector. Rows past M, columns past N and K past the last full block are masked loads, so 32,760-token
-activations need no padding copies. The epilogue rounds to the output dtype and adds the bias in that dtype, as
-`reference.round_and_add_bias` does.
+group_m row tiles down one column tile, so they share its w_q tiles in L2). It walks K in 128-wide steps, one per
+scale block: an int8 x int8 -> int32 tensor-core dot of x_q [block_m, 128] and w_q [block_n, 128] (both
+K-contiguous, the layout 8-bit wgmma needs: kernels-landscape.md 1.2), then promotes that exact block sum to fp32
+and adds it, times sx * sw, into the fp32 accumulator. block_m divides 128, so sx is one scalar per program and K
+step; sw varies along N and is read as a [block_n] vector. Rows past M, columns past N and K past the last full
+block are masked loads, so 32,760-token activations need no padding copies. The epilogue rounds to the output dtype
+and adds the bias in that dtype, as `reference.round_and_add_bias` does.
 """
 
 from __future__ import annotations
