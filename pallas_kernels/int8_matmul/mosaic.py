@@ -261,7 +261,9 @@ def _kernel(xq_ref, xs_ref, wq_ref, ws_ref, bias_ref, o_ref, smem, loaded, consu
                                     w_loaded.at[slot], collective_axes="cluster" if cluster > 1 else None)
 
         def load_scales(jt):
-            """Tile jt's scale rows and bias into buffer jt % 2, once the tile two before has released it."""
+            """Tile jt's scale rows and bias into buffer jt % 2, once the tile two before has released it. Staged in
+            shared memory because, read from global memory in the K loop, they were its only global loads, and ncu
+            put a third of the warps' stall cycles on waits for them (docs/PERF.md, seventh session)."""
             mi, ni = tile_coords(jt)
             buf = lax.rem(jt, 2)
 
