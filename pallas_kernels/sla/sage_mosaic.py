@@ -6,15 +6,20 @@ One CTA per (head, 128 query rows, batch), with three warpgroups:
       block_q = 128 both walk the CTA's one row of the SLA block map; with block_q = 64 (upstream's sm90 blocks)
       each walks its own query block's row (the rows of a CTA select the same number of blocks, so the ping-pong
       below stays in step);
-      S = Q8 K8^T by an s8 x s8 -> s32 wgmma from shared memory (Q and K both K-major: the K tile is the (bk, D)
-      block, transposed as a ref); dequantised to base-2 logits with the q- and k-block scales; the online softmax
-      with P~ = 2^(s - m + log2 448); e4m3(P~) is multiplied by the e4m3 V^T tile in an e4m3 wgmma into a fresh
-      fp32 accumulator, added to the rescaled running one (the fp8 wgmma accumulator keeps about 22 bits;
-      upstream's sm90 kernel adds per block the same way); P is that wgmma's register operand with 64-key blocks
-      and goes through the warpgroup's shared-memory tile with 128-key ones (`SageMosaicConfig.p_in_registers`);
-      a "schedule" barrier ping-pongs the two warpgroups so one's softmax overlaps the other's products;
-  one memory warpgroup reads lut[b, h, i, t] and issues TMA copies of the K tile (bk, D) and the V^T tile (D, bk)
-      of key block lut[t] into a ring of shared-memory slots (with block_q = 64 a slot holds both LUT rows' tiles).
+      each softmax step covers 128 keys (the reference's steps: two LUT blocks with block_k = 64, one with 128):
+      per block S = Q8 K8^T by an s8 x s8 -> s32 wgmma from shared memory (Q and K both K-major: the K tile is the
+      (bk, D) block, transposed as a ref), dequantised to base-2 logits with the q- and k-block scales; the online
+      softmax with P~ = 2^(s - m + log2 448), m the running max after the step; e4m3(P~) is multiplied by the
+      e4m3 V^T tiles in e4m3 wgmmas into a fresh fp32 accumulator, added to the rescaled running one (the fp8
+      wgmma accumulator keeps about 22 bits; upstream's sm90 kernel adds per 128-key block the same way); P is
+      that wgmma's register operand with 64-key blocks and goes through the warpgroup's shared-memory tile with
+      128-key ones (`SageMosaicConfig.p_in_registers`); a "schedule" barrier ping-pongs the two warpgroups so
+      one's softmax overlaps the other's products. Two 64-key blocks per step instead of one took 1.05 instead of
+      1.27-1.30 ms at H = 12, L = 32,760 and 17.5 instead of 20.8-21.0 ms at H = 40, L = 75,600 (H100, topk 0.1,
+      docs/PERF.md): half the steps' chains of waits;
+  one memory warpgroup reads lut[b, h, i, t] and issues TMA copies of the K tiles (bk, D) and the V^T tiles
+      (D, bk) of a step's key blocks into a ring of shared-memory slots (with block_q = 64 a slot holds both LUT
+      rows' tiles).
 8-bit wgmma operands must be K-major (no hardware transpose below 16 bits): V is therefore passed transposed,
 [B, H, D, L_pad], so its (D, bk) tile is K-major for P.V: `sparse_attention_kmajor` takes it so (the dispatcher's V
 quantiser, `sage_triton.quantize_values_transposed`, writes it in that layout), `sparse_attention` transposes and
@@ -41,7 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.devices import default_is_hopper
 from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring, ping_pong_turn
-from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale
+from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale, blocks_per_step
 
 
 # KEY_ORDER[4c + e]: the key (within a 16-key group) at column 4c + e of P in registers as the 8-bit wgmma operand.
@@ -116,16 +121,20 @@ def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
 
 
 def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, loaded, consumed, schedule,
-            *, seq_len, block_k, n_sel, slots, streams, c, p_in_registers, interpret):
+            *, seq_len, block_k, n_sel, slots, streams, halves, c, p_in_registers, interpret):
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
     [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory. streams: LUT rows
-    per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2)."""
+    per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2); halves: key blocks per 128-key
+    softmax step (2 with 64-key blocks, the last step taking what remains). A ring slot holds streams x halves
+    K tiles and as many V^T tiles, tile `stream * halves + half` of the slot."""
     q_smem, k_smem, v_smem, vs_smem, o_smem, *rest = smem
     p_tiles = rest[0] if rest else None  # P's shared-memory tiles, absent when P stays in registers
     k_loaded, v_loaded, q_loaded, vs_loaded = loaded
     k_consumed, v_consumed = consumed
     bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
+    per_slot = streams * halves
+    n_steps = pl.cdiv(n_sel, halves)
 
     take_turn = functools.partial(ping_pong_turn, schedule)
 
@@ -143,39 +152,46 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
         m = plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         # The LUT is ascending, so only its last block can be the partial one at the sequence end: keys at or past
-        # `valid` of that block get -inf logits; every other step runs unmasked.
+        # `valid` of that block (the last step's last one) get -inf logits; every other step runs unmasked.
         valid = seq_len - lut_row[n_sel - 1] * block_k
         col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
         plgpu.barrier_wait(q_loaded.at[wg])
         plgpu.barrier_wait(k_loaded.at[0])
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
 
-        def step(t, carry, masked=False):
+        def step(t, carry, width=halves, masked=False):
+            """Softmax step t over LUT blocks halves * t, ..., + width - 1: one 8-bit S product per block (each
+            its own int32 accumulator and dequantisation scale), one row max for the step, then one fresh fp32
+            P.V accumulator over all of them."""
             acc, m, l = carry
             slot = lax.rem(t, slots)
-            # The block's dequantisation scale, loaded before the product so the global-memory latency overlaps it.
-            scale = c * (q_scale * ks_ref[bi, hi, lut_row[t]])
+            tiles = [slot * per_slot + stream * halves + half for half in range(width)]
+            # The blocks' dequantisation scales, loaded before the products so the global-memory latency overlaps.
+            scales = [c * (q_scale * ks_ref[bi, hi, lut_row[halves * t + half]]) for half in range(width)]
 
-            def qk_product(s_ref):
-                plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[slot * streams + stream].transpose((1, 0)))
+            def qk_product(*s_refs):
+                for s_ref, tile in zip(s_refs, tiles):
+                    plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[tile].transpose((1, 0)))
                 take_turn()
-                return s_ref[...]
+                return [s_ref[...] for s_ref in s_refs]
 
-            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, block_k), jnp.int32))
+            logits = pl.run_scoped(qk_product, *[plgpu.ACC((WG_ROWS, block_k), jnp.int32)] * width)
             plgpu.barrier_arrive(k_consumed.at[slot])
-            s = s.astype(jnp.float32)
+            logits = [s.astype(jnp.float32) for s in logits]
             if masked:
-                s = jnp.where(col < valid, s, -jnp.inf)
-            # The scale (> 0) goes on the row max and inside exp2's argument (one fma per logit), as in mosaic.py.
-            m_new = jnp.maximum(m, s.max(axis=1) * scale)
+                logits[-1] = jnp.where(col < valid, logits[-1], -jnp.inf)
+            # The scales (> 0) go on the row maxima and inside exp2's argument (one fma per logit), as in mosaic.py.
+            row_max = functools.reduce(jnp.maximum, [s.max(axis=1) * sc for s, sc in zip(logits, scales)])
+            m_new = jnp.maximum(m, row_max)
             alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new - P_EXP_OFFSET, s.shape, [0]))
+            shift = lax.broadcast_in_dim(m_new - P_EXP_OFFSET, logits[0].shape, [0])
+            ps = [jnp.exp2(s * sc - shift) for s, sc in zip(logits, scales)]
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p_op = _p_operand(p.astype(FP8), None if p_tiles is None else p_tiles.at[wg], registers=p_in_registers,
-                              interpret=interpret)
+            l = l * alpha + functools.reduce(jnp.add, [p.sum(axis=1) for p in ps])
+            p_ops = [_p_operand(p.astype(FP8), None if p_tiles is None else p_tiles.at[wg * halves + half],
+                                registers=p_in_registers, interpret=interpret) for half, p in enumerate(ps)]
             if p_tiles is None:  # the regrouped registers (4-byte vectors; accumulator-shaped e4m3 cannot be one)
-                acc, l, m_new, p_op = lax.optimization_barrier((acc, l, m_new, p_op))
+                acc, l, m_new, *p_ops = lax.optimization_barrier((acc, l, m_new, *p_ops))
             else:
                 acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
             plgpu.barrier_arrive(schedule)  # softmax done
@@ -183,9 +199,10 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
             def pv_product(pv_ref):
-                plgpu.wgmma(pv_ref, p_op, v_smem.at[slot * streams + stream].transpose((1, 0)))
+                for p_op, tile in zip(p_ops, tiles):
+                    plgpu.wgmma(pv_ref, p_op, v_smem.at[tile].transpose((1, 0)))
 
-                @pl.when(t + 1 < n_sel)
+                @pl.when(t + 1 < n_steps)
                 def _():
                     plgpu.barrier_wait(k_loaded.at[lax.rem(t + 1, slots)])
 
@@ -195,8 +212,9 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
-        carry = lax.fori_loop(0, n_sel - 1, step, (acc, m, l))
-        acc, m, l = lax.fori_loop(n_sel - 1, n_sel, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(0, n_steps - 1, step, (acc, m, l))
+        last = functools.partial(step, width=n_sel - halves * (n_steps - 1), masked=True)
+        acc, m, l = lax.fori_loop(n_steps - 1, n_steps, last, carry)
         pl.when(wg == 0)(take_turn)
         plgpu.barrier_wait(vs_loaded.at[wg])
         v_scale = plgpu.load(vs_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -213,19 +231,23 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
         plgpu.set_max_registers(40, action="decrease")
         lut_rows = [lut_ref.at[bi, hi, ci * streams + stream] for stream in range(streams)]
 
+        def blocks(t):
+            """(tile in the slot, key block) of step t's copies. A last step with fewer blocks copies its last one
+            again into the unused tiles: every slot barrier then counts the same arrivals."""
+            return [(stream * halves + half, lut_row[jnp.minimum(halves * t + half, n_sel - 1)])
+                    for stream, lut_row in enumerate(lut_rows) for half in range(halves)]
+
         def fetch_k(t, slot):
-            for stream, lut_row in enumerate(lut_rows):
-                rows = pl.ds(lut_row[t] * block_k, block_k)
-                tile = k_smem.at[slot * streams + stream]
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], tile, k_loaded.at[slot])
+            for tile, block in blocks(t):
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(block * block_k, block_k), hi],
+                                        k_smem.at[slot * per_slot + tile], k_loaded.at[slot])
 
         def fetch_v(t, slot):
-            for stream, lut_row in enumerate(lut_rows):
-                cols = pl.ds(lut_row[t] * block_k, block_k)
-                tile = v_smem.at[slot * streams + stream]
-                plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, cols], tile, v_loaded.at[slot])
+            for tile, block in blocks(t):
+                plgpu.copy_gmem_to_smem(vt_ref.at[bi, hi, :, pl.ds(block * block_k, block_k)],
+                                        v_smem.at[slot * per_slot + tile], v_loaded.at[slot])
 
-        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_steps=n_sel)
+        fill_kv_ring(fetch_k, fetch_v, k_consumed, v_consumed, slots=slots, n_steps=n_steps)
 
         # Observe each slot's last release too: nothing is refilled, but every barrier phase is then waited for,
         # which the GPU interpreter's race detector checks when the barriers are freed.
@@ -270,9 +292,9 @@ def sparse_attention_kmajor(
 
     interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
     its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering. The
-    interpreter's barrier waits block inside XLA callbacks; on a 2-core CPU it was seen to hang with block_q = 64
-    inside a larger jitted program (SageSLA with its linear branch: docs/PERF.md), so the tests interpret this
-    kernel on its own."""
+    interpreter's barrier waits block inside XLA callbacks; on a 2-core CPU it was seen to hang inside a larger
+    jitted program (SageSLA with its linear branch: docs/PERF.md) whenever a ring slot takes several tiles
+    (block_q = 64, or block_k = 64's two-block steps), so the tests interpret this kernel on its own."""
     b, l, h, d = q8.shape
     nq, n_sel = lut.shape[2], lut.shape[3]
     if block_q not in BLOCK_QS or block_k not in (64, 128) or d not in (64, 128):
@@ -284,6 +306,7 @@ def sparse_attention_kmajor(
         raise ValueError(f"vt must be [B, H, D, L rounded up to block_k] = {(b, h, d, pl.cdiv(l, block_k) * block_k)} "
                          f"(transpose_values), got {vt.shape}")
     streams = COMPUTE_WGS * WG_ROWS // block_q
+    halves = blocks_per_step(block_k)
     ctas = pl.cdiv(l, COMPUTE_WGS * WG_ROWS)
     # An odd count of 64-row blocks leaves the last CTA's second warpgroup rows past L (TMA reads them as zeros
     # and drops their writes): it walks a copy of the last LUT row with a unit q scale, to stay in the ping-pong.
@@ -295,26 +318,28 @@ def sparse_attention_kmajor(
     out_bytes = jnp.dtype(out_dtype).itemsize
     p_in_registers = config.registers(block_k)
     p_tile = not p_in_registers or interpret
-    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
-    slots = min(config.max_concurrent_steps, n_sel, (SMEM_BYTES - fixed) // (2 * streams * block_k * d))
+    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * halves * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
+    slots = min(config.max_concurrent_steps, pl.cdiv(n_sel, halves),
+                (SMEM_BYTES - fixed) // (2 * streams * halves * block_k * d))
     out_tiles = (plgpu.TilingTransform((8, 128 // out_bytes)), plgpu.SwizzleTransform(128))
 
     def entry(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref):
         smem = (
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), jnp.int8, transforms=_tiles(d)),
-            plgpu.SMEM((slots * streams, block_k, d), jnp.int8, transforms=_tiles(d)),  # [slot * streams + stream]
-            plgpu.SMEM((slots * streams, d, block_k), FP8, transforms=_tiles(block_k)),
+            plgpu.SMEM((slots * streams * halves, block_k, d), jnp.int8, transforms=_tiles(d)),  # see _kernel
+            plgpu.SMEM((slots * streams * halves, d, block_k), FP8, transforms=_tiles(block_k)),
             plgpu.SMEM((COMPUTE_WGS, d), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), out_dtype, transforms=out_tiles),
-        ) + ((plgpu.SMEM((COMPUTE_WGS, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),) if p_tile else ())
-        loaded = (plgpu.Barrier(num_arrivals=streams, num_barriers=slots),
-                  plgpu.Barrier(num_arrivals=streams, num_barriers=slots),
+        ) + ((plgpu.SMEM((COMPUTE_WGS * halves, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),)
+             if p_tile else ())
+        loaded = (plgpu.Barrier(num_arrivals=streams * halves, num_barriers=slots),
+                  plgpu.Barrier(num_arrivals=streams * halves, num_barriers=slots),
                   plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS))
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
         kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref,
                                    seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, streams=streams,
-                                   c=float(base2_scale(d)),
-                                   p_in_registers=p_in_registers, interpret=interpret)
+                                   halves=halves, c=float(base2_scale(d)), p_in_registers=p_in_registers,
+                                   interpret=interpret)
         pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
 

@@ -19,10 +19,15 @@ head), with q, k, v [L, D] after the q/k RMSNorm and RoPE, in the order upstream
                 rounded (tests/test_int8_matmul.py), with the same effect on near-tie values.
   logits        base 2: s = f32(q8.k8 in int32) * (c * (q_scale_i * k_scale_j)), c = f32(f32(1/sqrt(D)) * log2 e);
                 keys past L get -inf.
-  softmax, P.V  online over the LUT's key blocks in ascending order (the order upstream's delta-coded LUT walks):
+  softmax, P.V  online over the LUT's key blocks in ascending order (the order upstream's delta-coded LUT walks),
+                in steps of 128 keys (`KEYS_PER_STEP`: 128 / block_k consecutive LUT blocks, the last step holding
+                what remains), as upstream's sm90 kernel steps over 128-key blocks: s the step's logits,
                 m' = max(m, rowmax s); alpha = 2^(m - m'); P~ = 2^(s - m' + 8.807); the denominator l' = alpha l +
-                rowsum(P~) uses P~ in fp32; the block product e4m3(P~) . v8 goes into a fresh fp32 accumulator that is
-                added to alpha acc. The 8.807 = log2(448) offset puts P~ in (0, 448], e4m3's range: this is what the
+                rowsum(P~) uses P~ in fp32; the step's product e4m3(P~) . v8 goes into a fresh fp32 accumulator that
+                is added to alpha acc. So P~ is rounded to e4m3 against the running max of its 128-key step: with
+                64-key blocks both blocks of a step share one max (a kernel walking one block per step would round
+                the first one against a smaller max; the same quality, other bits).
+                The 8.807 = log2(448) offset puts P~ in (0, 448], e4m3's range: this is what the
                 sm90 kernel TurboDiffusion calls does (update_mdo<..., exp_offset=true>), and the sm89 one too.
                 acceleration.md 4.4 says P is cast unscaled on sm90; upstream wins.
   output        o = acc * (1/l) * v_scale, rounded to the output dtype (bf16).
@@ -51,6 +56,7 @@ INT8_MAX = 127.0
 QK_SCALE_EPS = 1e-7  # added to every q/k block scale (an all-zero block quantises to 0)
 V_SCALE_MAX = 2.25  # v8 spans [-2.25, 2.25]: TurboDiffusion's scale_max for every fp8 SageSLA kernel
 P_EXP_OFFSET = 8.807  # log2(448): P~ = 2^(s - max + 8.807) <= 448, the largest finite e4m3 value
+KEYS_PER_STEP = 128  # keys per online-softmax step (P's rounding max), upstream's sm90 key block
 FP8 = jnp.float8_e4m3fn
 
 
@@ -102,6 +108,13 @@ def quantize(q, k, v, *, block_q: int, block_k: int, smooth_k: bool = True):
     return (*quantize_qk(q, k, block_q=block_q, block_k=block_k, smooth_k=smooth_k), *quantize_v(v))
 
 
+def blocks_per_step(block_k: int) -> int:
+    """LUT blocks per 128-key softmax step: 128 / block_k (block_k a power of two up to 128)."""
+    if block_k > KEYS_PER_STEP or KEYS_PER_STEP % block_k:
+        raise ValueError(f"SageSLA's key blocks must divide {KEYS_PER_STEP} tokens, got block_k={block_k}")
+    return KEYS_PER_STEP // block_k
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype"))
 def sparse_attention(
     q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, v8: jax.Array, v_scale: jax.Array,
@@ -110,7 +123,8 @@ def sparse_attention(
     """SageSLA's sparse branch from quantised operands (`quantize`) and the ascending LUT [B, H, Nq, k].
 
     q8, k8 int8 and v8 e4m3 [B, L, H, D]; q_scale [B, H, Nq], k_scale [B, H, Nk], v_scale [B, H, D] fp32.
-    Returns [B, L, H, D] in out_dtype. One scan step per LUT column: every query block takes its t-th key block."""
+    Returns [B, L, H, D] in out_dtype. One scan step per 128-key softmax step (`blocks_per_step` LUT columns, the
+    last step what remains): every query block takes its step's columns."""
     b, l, h, d = q8.shape
     bf16 = jnp.bfloat16
     qb = _pad_blocks(_to_heads(q8).astype(bf16), block_q)  # [B, H, Nq, bq, D]
@@ -124,21 +138,31 @@ def sparse_attention(
         idx = idx.reshape(idx.shape + (1,) * (x.ndim - 3))
         return jnp.take_along_axis(x, idx, axis=2)
 
-    def step(carry, j):
-        """j [B, H, Nq]: this step's key block of every query block."""
+    def step(carry, js):
+        """js [W, B, H, Nq]: the step's W key blocks of every query block, whose keys it concatenates."""
         acc, m, den = carry
-        s = _einsum("bhiqd,bhikd->bhiqk", qb, gather(kb, j))
-        s = s * (base2_scale(d) * (q_scale * gather(k_scale, j)))[..., None, None]
-        s = jnp.where(key_valid[j][:, :, :, None, :], s, -jnp.inf)
+        logits = []
+        for j in js:
+            s = _einsum("bhiqd,bhikd->bhiqk", qb, gather(kb, j))
+            s = s * (base2_scale(d) * (q_scale * gather(k_scale, j)))[..., None, None]
+            logits.append(jnp.where(key_valid[j][:, :, :, None, :], s, -jnp.inf))
+        s = jnp.concatenate(logits, axis=-1)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[..., None] + P_EXP_OFFSET)
-        block_acc = _einsum("bhiqk,bhikd->bhiqd", p.astype(FP8).astype(bf16), gather(vb, j))
+        values = jnp.concatenate([gather(vb, j) for j in js], axis=-2)
+        block_acc = _einsum("bhiqk,bhikd->bhiqd", p.astype(FP8).astype(bf16), values)
         return (acc * alpha[..., None] + block_acc, m_new, den * alpha + jnp.sum(p, axis=-1)), None
 
-    init = (jnp.zeros((b, h, nq, block_q, d), f32), jnp.full((b, h, nq, block_q), -jnp.inf, f32),
-            jnp.zeros((b, h, nq, block_q), f32))
-    (acc, _, den), _ = jax.lax.scan(step, init, jnp.moveaxis(lut.astype(jnp.int32), 3, 0))
+    carry = (jnp.zeros((b, h, nq, block_q, d), f32), jnp.full((b, h, nq, block_q), -jnp.inf, f32),
+             jnp.zeros((b, h, nq, block_q), f32))
+    cols = jnp.moveaxis(lut.astype(jnp.int32), 3, 0)  # [k, B, H, Nq]
+    g = blocks_per_step(block_k)
+    full = cols.shape[0] // g * g
+    carry, _ = jax.lax.scan(step, carry, cols[:full].reshape(full // g, g, *cols.shape[1:]))
+    if full < cols.shape[0]:  # the last step's remaining blocks
+        carry, _ = step(carry, cols[full:])
+    acc, _, den = carry
     out = acc * (1.0 / den)[..., None] * v_scale[:, :, None, None, :]
     out = out.reshape(b, h, nq * block_q, d)[:, :, :l].astype(out_dtype)
     return jnp.swapaxes(out, 1, 2)

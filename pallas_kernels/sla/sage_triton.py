@@ -1,10 +1,10 @@
 """SageSLA's sparse branch as a Pallas-Triton kernel: the portable path (any GPU with fp8 conversions, sm89+).
 
-One program per (query block, batch, head), like `triton.sparse_attention`, walking its LUT row in ascending order:
-an int8 x int8 -> int32 Q.K^T per key block, dequantised with the q- and k-block scales into base-2 logits; the
-online softmax of `sage_reference` (P~ = 2^(s - m + 8.807) in (0, 448], its fp32 row sums as the denominator);
-e4m3(P~) . e4m3 V into a fresh fp32 block product added to the rescaled accumulator; the per-channel V scale in the
-epilogue. Triton lowers the e4m3 dot on Hopper to f16 mma.sync (e4m3 values are exact in f16), not fp8 tensor-core
+One program per (query block, batch, head), like `triton.sparse_attention`, walking its LUT row in ascending order
+in `sage_reference`'s 128-key steps: an int8 x int8 -> int32 Q.K^T per key block, dequantised with the q- and
+k-block scales into base-2 logits; the online softmax of `sage_reference` (P~ = 2^(s - m + 8.807) in (0, 448], m
+the running max after the step, its fp32 row sums as the denominator); e4m3(P~) . e4m3 V into a fresh fp32 step
+product added to the rescaled accumulator; the per-channel V scale in the epilogue. Triton lowers the e4m3 dot on Hopper to f16 mma.sync (e4m3 values are exact in f16), not fp8 tensor-core
 instructions: the Mosaic GPU kernel (`sage_mosaic`) is the fast path there.
 
 `quantize` gives both kernels' token-major operands (the tests' and the benchmark's): q and k to int8 by a
@@ -46,28 +46,36 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, o_ref, *, seq_
     q = pltr.load(q_ref.at[pl.ds(i * block_q, block_q), :], mask=row_ok, other=0)
     q_scale = qs_ref[i]
     d = q.shape[-1]
+    per_step = sage_reference.blocks_per_step(block_k)
 
-    def body(t, carry):
+    def step(t, carry, width=per_step):
+        """The 128-key softmax step t: LUT blocks per_step * t, ..., + width - 1 under one running max."""
         acc, m, l = carry
-        j = lut_ref[t]
-        col_ok = j * block_k + jnp.arange(block_k) < seq_len
-        rows = pl.ds(j * block_k, block_k)
-        k = pltr.load(k_ref.at[rows, :], mask=col_ok[:, None], other=0)
-        s = pltr.dot(q, k, trans_b=True).astype(jnp.float32) * (c * (q_scale * ks_ref[j]))
-        s = jnp.where(col_ok[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        logits, values = [], []
+        for half in range(width):
+            j = lut_ref[t * per_step + half]
+            col_ok = j * block_k + jnp.arange(block_k) < seq_len
+            rows = pl.ds(j * block_k, block_k)
+            k = pltr.load(k_ref.at[rows, :], mask=col_ok[:, None], other=0)
+            s = pltr.dot(q, k, trans_b=True).astype(jnp.float32) * (c * (q_scale * ks_ref[j]))
+            logits.append(jnp.where(col_ok[None, :], s, -jnp.inf))
+            values.append(pltr.load(v_ref.at[rows, :], mask=col_ok[:, None], other=0.0))
+        m_new = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in logits], m)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None] + P_EXP_OFFSET)
-        v = pltr.load(v_ref.at[rows, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + pltr.dot(p.astype(FP8), v)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+        ps = [jnp.exp2(s - m_new[:, None] + P_EXP_OFFSET) for s in logits]
+        products = [pltr.dot(p.astype(FP8), v) for p, v in zip(ps, values)]
+        acc = acc * alpha[:, None] + functools.reduce(jnp.add, products)
+        return acc, m_new, functools.reduce(jnp.add, [jnp.sum(p, axis=1) for p in ps], l * alpha)
 
-    init = (
+    carry = (
         jnp.zeros((block_q, d), jnp.float32),
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, _, l = jax.lax.fori_loop(0, n_sel, body, init)
+    carry = jax.lax.fori_loop(0, n_sel // per_step, step, carry)
+    if n_sel % per_step:  # the last step's remaining blocks
+        carry = step(n_sel // per_step, carry, width=n_sel % per_step)
+    acc, _, l = carry
     out = acc * (1.0 / l)[:, None] * vs_ref[...][None, :]
     pltr.store(o_ref.at[pl.ds(i * block_q, block_q), :], out.astype(o_ref.dtype), mask=row_ok)
 
