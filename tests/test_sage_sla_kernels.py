@@ -257,6 +257,30 @@ def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bq, bk, p_in_registers):
     assert "cvt.rn.satfinite.e4m3x2.f32" in text
 
 
+def test_mosaic_kernel_with_the_linear_epilogue_lowers_for_an_h100():
+    """The fused linear epilogue at the 14B-720p shape: phi(q) kv and proj_l as bf16 wgmmas after the 8-bit loop."""
+    ops = _abstract_operands(1, 75600, 40, 128, 128, 64, 0.15)
+    spec = jax.ShapeDtypeStruct
+    linear = (spec((1, 75600, 40, 128), jnp.bfloat16), spec((1, 40, 128, 128), jnp.bfloat16),
+              spec((1, 40, 128), jnp.bfloat16), spec((128, 128), jnp.bfloat16), spec((128,), jnp.bfloat16))
+    kernel = lambda *a: sage_mosaic.sparse_attention(*a[:7], block_q=128, block_k=64, linear=a[7:])
+    text = _abstract_h100_lowering(kernel, *ops, *linear)
+    assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in text
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+
+
+def test_mosaic_linear_epilogue_needs_room_for_three_slots():
+    """(128, 64) blocks keep 3 ring slots beside the epilogue's tiles; (64, 128) ones would keep 1, and the
+    interpreter cannot run it (no register operand): both refused with the reason."""
+    assert sage_mosaic.fuses_linear(128, 64, 128) and not sage_mosaic.fuses_linear(64, 128, 128)
+    lut, ops = _lut_and_operands(*_inputs(1, 1, 256, 1, 128), topk=0.5, bq=64, bk=128)
+    q = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
+    linear = (q, jnp.zeros((1, 1, 128, 128)), jnp.zeros((1, 1, 128)), jnp.zeros((128, 128)), None)
+    for bq, bk in ((64, 128), (128, 64)):
+        with pytest.raises(ValueError, match="fuses the linear epilogue only compiled and where the ring keeps 3"):
+            sage_mosaic.sparse_attention(*ops, lut, block_q=bq, block_k=bk, linear=linear, interpret=bk == 64)
+
+
 # --- the public function, its dispatcher, and the DiT ----------------------------------------------------------
 
 @pytest.mark.parametrize("impl, bq, bk", [("reference", 32, 32), ("triton", 32, 32), ("mosaic", 128, 64)])
@@ -332,6 +356,24 @@ def test_gpu_quality_and_full_path_at_480p(impl):
     bf16_sla = reference.sla_attention(q, k, v, topk=0.1, block_q=128, block_k=64, proj_w=w, proj_b=bias)
     assert _rel(out, ref) < 1e-2
     assert _cos(out, bf16_sla) >= 0.998
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("l, topk, with_bias", [(1000, 0.3, True), (4104, 0.2, False), (32760, 0.1, True)])
+def test_gpu_fused_linear_epilogue_matches_the_separate_one(l, topk, with_bias):
+    """Fused into the Mosaic SageSLA kernel, the linear epilogue gives the Triton epilogue's output on the kernel's
+    o_sparse (one and several steps, odd and even block counts, a ragged length)."""
+    q, k, v = _inputs(l, 1, l, 2, 128)
+    lut, ops = _lut_and_operands(q, k, v, topk=topk, bq=128, bk=64)
+    # proj_l large enough that the linear branch is as large as the sparse one: dropping or mangling it cannot pass.
+    w = (0.5 * jax.random.normal(jax.random.key(3), (128, 128))).astype(jnp.bfloat16)
+    bias = jnp.linspace(-1.0, 1.0, 128).astype(jnp.bfloat16) if with_bias else None
+    kv, k_sum = triton_sla.linear_state(k, v)
+    fused = sage_mosaic.sparse_attention(*ops, lut, block_q=128, block_k=64, linear=(q, kv, k_sum, w, bias))
+    o_sparse = sage_mosaic.sparse_attention(*ops, lut, block_q=128, block_k=64)
+    separate = triton_sla.linear_epilogue(q, o_sparse, kv, k_sum, w, bias)
+    assert _rel(fused, separate) < 1e-2
+    assert np.isfinite(np.asarray(fused, np.float32)).all()
 
 
 @pytest.mark.gpu

@@ -7,7 +7,8 @@ one Pallas-Triton pass over q and k (`triton.pooled_blocks`) and the top-k a Pal
 sparse branch (where the time goes), compute the linear branch's per-head d x d state and the block map's key mean
 in one pass over k, v (`mosaic.key_statistics` by wgmma with the Mosaic kernels, else `triton.key_statistics`),
 and fuse the linear output, proj_l and the final sum into one more
-(`triton.linear_epilogue`), or, with the Mosaic kernel, into the sparse kernel's own epilogue. SageSLA quantises q
+(`triton.linear_epilogue`), or, with the Mosaic kernels (SageSLA's where its ring keeps 3 slots beside the
+epilogue's tiles: (128, 64) blocks), into the sparse kernel's own epilogue. SageSLA quantises q
 and k to int8 per block in the block map's pooling pass (`sage_triton.pool_and_quantize`: the pooled keys are the
 mean-smoothed ones it quantises) and v to e4m3 per channel: for the Mosaic kernel by one Pallas-Triton pass that
 writes it K-major in P's key order (`sage_triton.quantize_values_transposed`), for the Triton kernel in XLA; its
@@ -159,6 +160,9 @@ def sage_sla_attention(
     else:
         key_order = sage_mosaic.SageMosaicConfig().registers(block_k)
         v_ops = sage_triton.quantize_values_transposed(v, block_k=block_k, key_order=key_order, interpret=interpret)
+        if stats is not None and not interpret and sage_mosaic.fuses_linear(block_q, block_k, q.shape[-1], q.dtype):
+            return sage_mosaic.sparse_attention_kmajor(*qk_ops, *v_ops, lut, **blocks,
+                                                       linear=(q, stats[0], stats[1], proj_w, proj_b))
         o_sparse = sage_mosaic.sparse_attention_kmajor(*qk_ops, *v_ops, lut, **blocks)
     return _add_linear_branch(o_sparse, q, stats, proj_w, proj_b, interpret)
 

@@ -92,7 +92,7 @@ def ping_pong_turn(schedule) -> None:
     plgpu.barrier_wait(schedule)
 
 
-def _linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_smem, tiles_loaded):
+def fused_linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_smem, tiles_loaded):
     """o_sparse + proj_l(phi(q) kv / (1e-5 + phi(q) . k_sum)) for this warpgroup's rows, rounded like
     `triton.linear_epilogue`. o_sparse [64, D] in the output dtype (registers); q_smem [64, D]; kv_smem [D, D]
     (in, out); w_smem [D, D] (proj_l's [out, in]); ksum/bias_smem [D]; all in shared memory. tiles_loaded: the
@@ -213,7 +213,8 @@ def _kernel(lut_ref, q_ref, k_ref, v_ref, lin_refs, o_ref, smem, loaded, consume
         out = (acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0])).astype(q_smem.dtype)
         if lin_refs is not None:
             plgpu.barrier_wait(vec_loaded)
-            out = _linear_epilogue(out, q_smem, lin_tile(k_smem), lin_tile(v_smem), ksum_smem, bias_smem, lin_loaded)
+            out = fused_linear_epilogue(out, q_smem, lin_tile(k_smem), lin_tile(v_smem), ksum_smem, bias_smem,
+                                        lin_loaded)
         q_smem[...] = out
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, rows, hi])

@@ -27,7 +27,11 @@ pads token-major e4m3 values (`transpose_values`).
 Mosaic GPU has no relayout from the accumulator layout to the 8-bit register-operand layout (it would move bytes
 between threads); reading P's registers as the operand instead permutes its keys within each 16-key group
 (`KEY_ORDER`), and V's tokens stored in that order (as upstream's kernel does) leave the product unchanged.
-The epilogue applies 1/l and the per-channel V scales. Needs sm90 to run compiled; on CPU the tests run it in the
+The epilogue applies 1/l and the per-channel V scales, and with `linear` adds the linear branch through proj_l
+as the SLA kernel does (`mosaic.fused_linear_epilogue`; its kv, weight and vectors in their own shared memory, q's
+bf16 tile in the output staging tile): only where the ring keeps 3 slots beside them (`fuses_linear`: 128 x 64
+blocks), where it measured 1-1.5% faster than the separate Triton pass with a 4-slot ring (docs/PERF.md). Needs
+sm90 to run compiled; on CPU the tests run it in the
 Mosaic GPU interpreter (with its race detector) and lower it for an abstract H100 down to the PTX of its wgmmas.
 """
 
@@ -45,7 +49,8 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.devices import default_is_hopper
-from pallas_kernels.sla.mosaic import COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring, ping_pong_turn
+from pallas_kernels.sla.mosaic import (COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring, fused_linear_epilogue,
+                                      ping_pong_turn)
 from pallas_kernels.sla.sage_reference import FP8, P_EXP_OFFSET, base2_scale, blocks_per_step
 
 
@@ -120,16 +125,17 @@ def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
     return p_smem
 
 
-def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, loaded, consumed, schedule,
+def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_ref, smem, loaded, consumed, schedule,
             *, seq_len, block_k, n_sel, slots, streams, halves, c, p_in_registers, interpret):
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
     [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory. streams: LUT rows
     per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2); halves: key blocks per 128-key
     softmax step (2 with 64-key blocks, the last step taking what remains). A ring slot holds streams x halves
-    K tiles and as many V^T tiles, tile `stream * halves + half` of the slot."""
-    q_smem, k_smem, v_smem, vs_smem, o_smem, *rest = smem
-    p_tiles = rest[0] if rest else None  # P's shared-memory tiles, absent when P stays in registers
-    k_loaded, v_loaded, q_loaded, vs_loaded = loaded
+    K tiles and as many V^T tiles, tile `stream * halves + half` of the slot. lin_refs: None, or the linear
+    branch's (q [B, L, H, D] in the output dtype, kv [B, H, D, D], k_sum [B, H, D], proj_w [D, D], proj_b [D]) for
+    the fused epilogue (`mosaic.fused_linear_epilogue`), whose q tile is the output staging tile until it is read."""
+    q_smem, k_smem, v_smem, vs_smem, o_smem, lin_smem, p_tiles = smem  # lin_smem, p_tiles None when unused
+    k_loaded, v_loaded, q_loaded, vs_loaded, lin_loaded = loaded
     k_consumed, v_consumed = consumed
     bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
@@ -144,6 +150,8 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
         rows = pl.ds(ci * (COMPUTE_WGS * WG_ROWS) + wg * WG_ROWS, WG_ROWS)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[wg], q_loaded.at[wg])
         plgpu.copy_gmem_to_smem(vs_ref.at[bi, hi], vs_smem.at[wg], vs_loaded.at[wg])
+        if lin_refs is not None:  # q itself, for phi(q) in the epilogue
+            plgpu.copy_gmem_to_smem(lin_refs[0].at[bi, rows, hi], o_smem.at[wg], lin_loaded[2].at[wg])
         d = q_smem.shape[-1]
         stream = wg if streams > 1 else 0  # its LUT row and K/V tiles in a slot (static when shared)
         lut_row = lut_ref.at[bi, hi, ci * streams + stream]
@@ -219,7 +227,13 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
         plgpu.barrier_wait(vs_loaded.at[wg])
         v_scale = plgpu.load(vs_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
         out = acc * lax.broadcast_in_dim(1.0 / l, acc.shape, [0]) * lax.broadcast_in_dim(v_scale, acc.shape, [1])
-        o_smem.at[wg][...] = out.astype(o_smem.dtype)
+        out = out.astype(o_smem.dtype)
+        if lin_refs is not None:
+            kv_smem, w_smem, ksum_smem, bias_smem = lin_smem
+            plgpu.barrier_wait(lin_loaded[0])  # k_sum, bias
+            plgpu.barrier_wait(lin_loaded[2].at[wg])  # q
+            out = fused_linear_epilogue(out, o_smem.at[wg], kv_smem, w_smem, ksum_smem, bias_smem, lin_loaded[1])
+        o_smem.at[wg][...] = out
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[bi, rows, hi])
         # Only until the shared memory is read: the writes land by the kernel's end, as in CUTLASS's
@@ -230,6 +244,13 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         lut_rows = [lut_ref.at[bi, hi, ci * streams + stream] for stream in range(streams)]
+        if lin_refs is not None:  # the epilogue's own tiles: loaded first, read last
+            _, kv_ref, ksum_ref, w_ref, bias_ref = lin_refs
+            kv_smem, w_smem, ksum_smem, bias_smem = lin_smem
+            plgpu.copy_gmem_to_smem(ksum_ref.at[bi, hi], ksum_smem, lin_loaded[0])
+            plgpu.copy_gmem_to_smem(bias_ref, bias_smem, lin_loaded[0])
+            plgpu.copy_gmem_to_smem(kv_ref.at[bi, hi], kv_smem, lin_loaded[1])
+            plgpu.copy_gmem_to_smem(w_ref, w_smem, lin_loaded[1])
 
         def blocks(t):
             """(tile in the slot, key block) of step t's copies. A last step with fewer blocks copies its last one
@@ -256,6 +277,29 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref, smem, 
             plgpu.barrier_wait(v_consumed.at[slot])
 
 
+def _ring_slots(config: SageMosaicConfig, d: int, block_q: int, block_k: int, out_dtype, linear: bool,
+                interpret: bool, n_steps: int = 1 << 30) -> int:
+    """K/V ring slots: what the config asks, at most the steps and what shared memory holds beside q8, the V
+    scales, the output (and, fused, q) staging tiles, P's tiles where P.V reads them, and the linear epilogue's
+    kv, weight and vectors; 8 KB cover the barriers and the rounding of each allocation."""
+    halves, streams = blocks_per_step(block_k), COMPUTE_WGS * WG_ROWS // block_q
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    p_tile = not config.registers(block_k) or interpret
+    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * halves * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
+    fixed += linear * (2 * d * d + 2 * d) * out_bytes
+    return min(config.max_concurrent_steps, n_steps, (SMEM_BYTES - fixed) // (2 * streams * halves * block_k * d))
+
+
+MIN_FUSED_SLOTS = 3  # ring slots the fused linear epilogue must leave (docs/PERF.md, twelfth session)
+
+
+def fuses_linear(block_q: int, block_k: int, d: int, out_dtype=jnp.bfloat16,
+                 config: SageMosaicConfig = SageMosaicConfig()) -> bool:
+    """Whether the linear epilogue's tiles fit beside a ring of MIN_FUSED_SLOTS slots: (128, 64) blocks keep 3 of
+    32 KB; (64, 128) ones, whose slots hold two LUT rows' 128-key tiles (64 KB), would keep 1."""
+    return _ring_slots(config, d, block_q, block_k, out_dtype, True, False) >= MIN_FUSED_SLOTS
+
+
 def transpose_values(v8: jax.Array, block_k: int, key_order: bool) -> jax.Array:
     """e4m3 v8 [B, L, H, D] -> [B, H, D, L_pad], L_pad = L rounded up to block_k, zero-padded: the K-major layout
     of V for the 8-bit P.V (and 16-byte aligned rows for TMA); key_order: the tokens of each 16-token group in
@@ -270,25 +314,29 @@ def transpose_values(v8: jax.Array, block_k: int, key_order: bool) -> jax.Array:
 def sparse_attention(
     q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, v8: jax.Array, v_scale: jax.Array,
     lut: jax.Array, *, block_q: int, block_k: int, out_dtype=jnp.bfloat16,
-    config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
+    config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False, linear: tuple | None = None,
 ) -> jax.Array:
     """`sage_reference.sparse_attention` as a Mosaic GPU kernel; same operands (`sage_reference.quantize`) and
-    result: `sparse_attention_kmajor` after transposing v8 (`transpose_values`)."""
+    result: `sparse_attention_kmajor` after transposing v8 (`transpose_values`), linear included."""
     vt = transpose_values(v8, block_k, config.registers(block_k))
     return sparse_attention_kmajor(q8, q_scale, k8, k_scale, vt, v_scale, lut, block_q=block_q, block_k=block_k,
-                                   out_dtype=out_dtype, config=config, interpret=interpret)
+                                   out_dtype=out_dtype, config=config, interpret=interpret, linear=linear)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype", "config", "interpret"))
 def sparse_attention_kmajor(
     q8: jax.Array, q_scale: jax.Array, k8: jax.Array, k_scale: jax.Array, vt: jax.Array, v_scale: jax.Array,
     lut: jax.Array, *, block_q: int, block_k: int, out_dtype=jnp.bfloat16,
-    config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False,
+    config: SageMosaicConfig = SageMosaicConfig(), interpret: bool = False, linear: tuple | None = None,
 ) -> jax.Array:
     """`sparse_attention` with V already K-major: vt e4m3 [B, H, D, L_pad] as `transpose_values` lays it out (in
     `KEY_ORDER` where `config.registers(block_k)`), which `sage_triton.quantize_values_transposed` writes in its
     quantisation pass. block_q 64 or 128, block_k 64 or 128. q_scale and k_scale must be positive, as the
     quantiser's are (>= 1e-7): the masked logits are -inf before the scale multiplies them.
+    linear: None, or (q [B, L, H, D], kv [B, H, D, D], k_sum [B, H, D], proj_w [D, D], proj_b [D] or None) to
+    return `triton.linear_epilogue(q, o_sparse, kv, k_sum, proj_w, proj_b)` instead, computed in the kernel's
+    epilogue as the SLA kernel does (needs `fuses_linear`; compiled only: the interpreter's wgmma takes no
+    register operand).
 
     interpret=True runs it in the Mosaic GPU interpreter on the CPU (warpgroups, barriers and TMA simulated) with
     its race detector on: a test of the numerics and of the synchronisation, not of the hardware lowering. The
@@ -297,6 +345,10 @@ def sparse_attention_kmajor(
     (block_q = 64, or block_k = 64's two-block steps), so the tests interpret this kernel on its own."""
     b, l, h, d = q8.shape
     nq, n_sel = lut.shape[2], lut.shape[3]
+    if linear is not None and not (fuses_linear(block_q, block_k, d, out_dtype, config) and not interpret):
+        raise ValueError(f"the Mosaic SageSLA kernel fuses the linear epilogue only compiled and where the ring keeps "
+                         f"{MIN_FUSED_SLOTS} slots beside its tiles (blocks ({block_q}, {block_k}) do not, or "
+                         f"interpret=True)")
     if block_q not in BLOCK_QS or block_k not in (64, 128) or d not in (64, 128):
         raise ValueError(f"the Mosaic SageSLA kernel takes block_q 64 or 128, block_k 64 or 128 and head_dim 64 or "
                          f"128; got ({block_q}, {block_k}), head_dim {d}")
@@ -315,28 +367,41 @@ def sparse_attention_kmajor(
         pad = ((0, 0), (0, 0), (0, ctas * streams - nq))
         lut = jnp.pad(lut, pad + ((0, 0),), mode="edge")
         q_scale = jnp.pad(q_scale, pad, constant_values=1.0)
-    out_bytes = jnp.dtype(out_dtype).itemsize
     p_in_registers = config.registers(block_k)
-    p_tile = not p_in_registers or interpret
-    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * halves * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
-    slots = min(config.max_concurrent_steps, pl.cdiv(n_sel, halves),
-                (SMEM_BYTES - fixed) // (2 * streams * halves * block_k * d))
-    out_tiles = (plgpu.TilingTransform((8, 128 // out_bytes)), plgpu.SwizzleTransform(128))
+    slots = _ring_slots(config, d, block_q, block_k, out_dtype, linear is not None, interpret, pl.cdiv(n_sel, halves))
+    out_tiles = (plgpu.TilingTransform((8, 128 // jnp.dtype(out_dtype).itemsize)), plgpu.SwizzleTransform(128))
+    if linear is not None:
+        q, kv, k_sum, proj_w, proj_b = linear
+        proj_b = jnp.zeros((d,), out_dtype) if proj_b is None else proj_b
+        linear = tuple(x.astype(out_dtype) for x in (q, kv, k_sum, proj_w, proj_b))
 
-    def entry(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref):
+    def entry(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, *rest):
+        lin_refs, o_ref = (rest[:5], rest[5]) if linear is not None else (None, rest[0])
+        lin_smem = None
+        if linear is not None:  # kv, proj_l's weight [out, in], k_sum, bias
+            lin_smem = (plgpu.SMEM((d, d), out_dtype, transforms=out_tiles),
+                        plgpu.SMEM((d, d), out_dtype, transforms=out_tiles),
+                        plgpu.SMEM((d,), out_dtype), plgpu.SMEM((d,), out_dtype))
+        p_tiles = None
+        if not p_in_registers or interpret:
+            p_tiles = plgpu.SMEM((COMPUTE_WGS * halves, WG_ROWS, block_k), FP8, transforms=_tiles(block_k))
         smem = (
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), jnp.int8, transforms=_tiles(d)),
             plgpu.SMEM((slots * streams * halves, block_k, d), jnp.int8, transforms=_tiles(d)),  # see _kernel
             plgpu.SMEM((slots * streams * halves, d, block_k), FP8, transforms=_tiles(block_k)),
             plgpu.SMEM((COMPUTE_WGS, d), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), out_dtype, transforms=out_tiles),
-        ) + ((plgpu.SMEM((COMPUTE_WGS * halves, WG_ROWS, block_k), FP8, transforms=_tiles(block_k)),)
-             if p_tile else ())
+            lin_smem,
+            p_tiles,
+        )
+        # the epilogue's k_sum and bias; kv and proj_l's weight; each warpgroup's q tile
+        lin_loaded = None if linear is None else (
+            plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_barriers=COMPUTE_WGS))
         loaded = (plgpu.Barrier(num_arrivals=streams * halves, num_barriers=slots),
                   plgpu.Barrier(num_arrivals=streams * halves, num_barriers=slots),
-                  plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS))
+                  plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS), lin_loaded)
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
-        kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, o_ref,
+        kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_ref,
                                    seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, streams=streams,
                                    halves=halves, c=float(base2_scale(d)), p_in_registers=p_in_registers,
                                    interpret=interpret)
@@ -353,4 +418,4 @@ def sparse_attention_kmajor(
         kernel_name="sagesla_sparse_fwd_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
-    )(lut, q8, q_scale, k8, k_scale, vt, v_scale)
+    )(lut, q8, q_scale, k8, k_scale, vt, v_scale, *(linear or ()))
