@@ -98,16 +98,20 @@ def test_sparse_branch_matches_reference(impl, b, l, h, d, bq, bk, topk):
     out = _sparse(impl, ops, lut, bq, bk)
     ref = sage_reference.sparse_attention(*ops, lut, block_q=bq, block_k=bk)
     assert out.shape == (b, l, h, d) and out.dtype == jnp.bfloat16
-    assert _rel(out, ref) < 1e-2  # same quantised operands and rounding steps: bf16 output rounding apart
+    # Same quantised operands and rounding steps: bf16 output rounding apart (<= 3.2e-3 measured in the
+    # interpreters; compiled, approximate exp2 and reciprocals add some). Rounding P per 64-key block instead of per
+    # 128-key step moves these outputs by 1.3-2.2e-2.
+    assert _rel(out, ref) < (1e-2 if ON_GPU else 5e-3)
 
 
 @pytest.mark.parametrize("bq", [128, 64])
 def test_mosaic_ring_wraps_around(bq):
-    """Six key blocks through a ring of two shared-memory slots: every slot is refilled twice after both compute
-    warpgroups released it (on CPU the interpreter's race detector checks that ordering); with 64-row query blocks
-    each slot takes two LUT rows' tiles (an even count of query blocks: no padding)."""
-    lut, ops = _lut_and_operands(*_inputs(9, 1, 512, 1, 64), topk=0.75, bq=bq, bk=64)
-    assert lut.shape[-1] == 6 and lut.shape[2] == 512 // bq
+    """Five key blocks, three softmax steps (two blocks, two, one) through a ring of two shared-memory slots: the
+    first slot is refilled after both compute warpgroups released it, for the incomplete last step (on CPU the
+    interpreter's race detector checks that ordering); with 64-row query blocks each slot takes two LUT rows'
+    tiles (an even count of query blocks: no padding)."""
+    lut, ops = _lut_and_operands(*_inputs(9, 1, 512, 1, 64), topk=0.625, bq=bq, bk=64)
+    assert lut.shape[-1] == 5 and lut.shape[2] == 512 // bq
     out = sage_mosaic.sparse_attention(*ops, lut, block_q=bq, block_k=64, interpret=not ON_GPU,
                                        config=sage_mosaic.SageMosaicConfig(max_concurrent_steps=2))
     assert ON_GPU or not _races_found(), "the Mosaic GPU interpreter found a data race"
@@ -269,16 +273,18 @@ def test_mosaic_kernel_with_the_linear_epilogue_lowers_for_an_h100():
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
 
 
-def test_mosaic_linear_epilogue_needs_room_for_three_slots():
-    """(128, 64) blocks keep 3 ring slots beside the epilogue's tiles; (64, 128) ones would keep 1, and the
-    interpreter cannot run it (no register operand): both refused with the reason."""
-    assert sage_mosaic.fuses_linear(128, 64, 128) and not sage_mosaic.fuses_linear(64, 128, 128)
-    lut, ops = _lut_and_operands(*_inputs(1, 1, 256, 1, 128), topk=0.5, bq=64, bk=128)
+def test_mosaic_linear_epilogue_refusals():
+    """Fused only at (128, 64), where 3 ring slots stay beside the epilogue's tiles ((64, 128) would keep 1), and
+    only compiled (the interpreter's wgmma takes no register operand): each refusal names its reason."""
+    assert sage_mosaic.fuses_linear(128, 64, 128) and sage_mosaic.fuses_linear(128, 64, 64)
+    assert not sage_mosaic.fuses_linear(64, 128, 128) and not sage_mosaic.fuses_linear(128, 128, 64)
     q = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
     linear = (q, jnp.zeros((1, 1, 128, 128)), jnp.zeros((1, 1, 128)), jnp.zeros((128, 128)), None)
-    for bq, bk in ((64, 128), (128, 64)):
-        with pytest.raises(ValueError, match="fuses the linear epilogue only compiled and where the ring keeps 3"):
-            sage_mosaic.sparse_attention(*ops, lut, block_q=bq, block_k=bk, linear=linear, interpret=bk == 64)
+    for (bq, bk), interpret, reason in (((64, 128), False, r"at blocks \(128, 64\) only.*got \(64, 128\)"),
+                                        ((128, 64), True, "runs compiled only")):
+        lut, ops = _lut_and_operands(*_inputs(1, 1, 256, 1, 128), topk=0.5, bq=bq, bk=bk)
+        with pytest.raises(ValueError, match=reason):
+            sage_mosaic.sparse_attention(*ops, lut, block_q=bq, block_k=bk, linear=linear, interpret=interpret)
 
 
 # --- the public function, its dispatcher, and the DiT ----------------------------------------------------------
@@ -359,10 +365,11 @@ def test_gpu_quality_and_full_path_at_480p(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("l, topk, with_bias", [(1000, 0.3, True), (4104, 0.2, False), (32760, 0.1, True)])
+@pytest.mark.parametrize("l, topk, with_bias", [(1000, 0.1, False), (1000, 0.3, True), (4104, 0.2, False),
+                                                (32760, 0.1, True)])
 def test_gpu_fused_linear_epilogue_matches_the_separate_one(l, topk, with_bias):
     """Fused into the Mosaic SageSLA kernel, the linear epilogue gives the Triton epilogue's output on the kernel's
-    o_sparse (one and several steps, odd and even block counts, a ragged length)."""
+    o_sparse: 1, 4, 13 and 51 blocks (one step; several, odd and even counts; a ragged length)."""
     q, k, v = _inputs(l, 1, l, 2, 128)
     lut, ops = _lut_and_operands(q, k, v, topk=topk, bq=128, bk=64)
     # proj_l large enough that the linear branch is as large as the sparse one: dropping or mangling it cannot pass.

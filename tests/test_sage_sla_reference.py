@@ -39,12 +39,12 @@ def np_quantize_blocks(x, block):
 
 def np_sparse(q8, qs, k8, ks, v8, vs, lut, bq, bk, blocks_per_step=None):
     """upstream's sm90 loop for each (batch, head, query block), which steps over 128-key blocks: here
-    `blocks_per_step` LUT blocks a step (128 // bk unless given), the last step what remains: int32 logits, online
-    base-2 softmax with the log2(448) offset (P~ against the running max after the step), e4m3 P~ times e4m3 V into
-    a fresh step product, denominator from fp32 P~."""
+    `blocks_per_step` LUT blocks a step (128 // bk, at least 1, unless given), the last step what remains: int32
+    logits, online base-2 softmax with the log2(448) offset (P~ against the running max after the step), e4m3 P~
+    times e4m3 V into a fresh step product, denominator from fp32 P~."""
     b, l, h, d = q8.shape
     c = np.float32(np.float32(1 / math.sqrt(d)) * np.float32(math.log2(math.e)))
-    per_step = blocks_per_step or 128 // bk
+    per_step = blocks_per_step or max(1, 128 // bk)
     out = np.zeros((b, l, h, d), np.float32)
     v8 = v8.astype(np.float32)
     for bi, hi, i in np.ndindex(b, h, lut.shape[2]):
@@ -131,14 +131,16 @@ def test_v_quantizer_per_channel_e4m3():
     assert np.all(np.asarray(v8, np.float32)[:, :, 1, 5] == 0) and np.asarray(v_scale)[:, 1, 5].tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("l, bq, bk, topk", [(100, 16, 32, 0.5), (77, 32, 16, 0.3), (456, 128, 64, 0.5),
-                                            (456, 64, 128, 0.5), (456, 64, 32, 0.5)])
+@pytest.mark.parametrize("l, bq, bk, topk", [(100, 16, 32, 0.5), (77, 32, 16, 0.3), (456, 128, 64, 0.4),
+                                            (456, 64, 128, 0.5), (456, 64, 32, 0.5), (600, 64, 256, 0.7)])
 def test_sparse_branch_matches_upstream_loop(l, bq, bk, topk):
-    """Softmax steps of 128 keys: one step (the remainder only) at 100 and 77 tokens; two-block steps and a
-    one-block remainder at (128, 64); four-block steps and a three-block remainder at (64, 32)."""
+    """Softmax steps of 128 keys: one step (the remainder only) at 100 and 77 tokens; a two-block step and a
+    one-block remainder at (128, 64) (3 of 8 blocks); one block a step at (64, 128) and (64, 256); four-block
+    steps and a three-block remainder at (64, 32) (7 of 15 blocks)."""
     rng = np.random.default_rng(3)
     q, k, v = _bf16(rng, 2, l, 2, 32), _bf16(rng, 2, l, 2, 32) + 2.0, _bf16(rng, 2, l, 2, 32)
     lut = reference.block_map(q, k, topk=topk, block_q=bq, block_k=bk)
+    assert lut.shape[-1] == {(128, 64): 3, (64, 32): 7}.get((bq, bk), lut.shape[-1])
     ops = sage_reference.quantize(q, k, v, block_q=bq, block_k=bk)
     out = sage_reference.sparse_attention(*ops, lut, block_q=bq, block_k=bk, out_dtype=jnp.float32)
     ref = np_sparse(*(np.asarray(x) for x in ops), np.asarray(lut), bq, bk)

@@ -96,8 +96,8 @@ def fused_linear_epilogue(o_sparse, q_smem, kv_smem, w_smem, ksum_smem, bias_sme
     """o_sparse + proj_l(phi(q) kv / (1e-5 + phi(q) . k_sum)) for this warpgroup's rows, rounded like
     `triton.linear_epilogue`. o_sparse [64, D] in the output dtype (registers); q_smem [64, D]; kv_smem [D, D]
     (in, out); w_smem [D, D] (proj_l's [out, in]); ksum/bias_smem [D]; all in shared memory. tiles_loaded: the
-    barrier of the kv and weight copies, which land during the last step: phi(q) and the denominator are computed
-    before waiting for them."""
+    barrier of the kv and weight copies (which land during the last step in the SLA kernel's ring): phi(q) and the
+    denominator are computed before waiting for them."""
     dt, f32 = o_sparse.dtype, jnp.float32
     rows = lambda x: lax.broadcast_in_dim(x, o_sparse.shape, [0])
     cols = lambda x: lax.broadcast_in_dim(x, o_sparse.shape, [1])

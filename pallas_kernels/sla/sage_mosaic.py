@@ -29,9 +29,9 @@ between threads); reading P's registers as the operand instead permutes its keys
 (`KEY_ORDER`), and V's tokens stored in that order (as upstream's kernel does) leave the product unchanged.
 The epilogue applies 1/l and the per-channel V scales, and with `linear` adds the linear branch through proj_l
 as the SLA kernel does (`mosaic.fused_linear_epilogue`; its kv, weight and vectors in their own shared memory, q's
-bf16 tile in the output staging tile): only where the ring keeps 3 slots beside them (`fuses_linear`: 128 x 64
-blocks), where it measured 1-1.5% faster than the separate Triton pass with a 4-slot ring (docs/PERF.md). Needs
-sm90 to run compiled; on CPU the tests run it in the
+bf16 tile in the output staging tile): at 128 x 64 blocks only, where the ring keeps 3 slots beside them and it
+was measured (`fuses_linear`: 1.5% faster than the separate Triton pass with a 4-slot ring at H=40, L=75,600,
+within the noise at H=12, L=32,760; docs/PERF.md). Needs sm90 to run compiled; on CPU the tests run it in the
 Mosaic GPU interpreter (with its race detector) and lower it for an abstract H100 down to the PTX of its wgmmas.
 """
 
@@ -66,8 +66,9 @@ BLOCK_QS = (WG_ROWS, COMPUTE_WGS * WG_ROWS)  # query block sizes: a LUT row per 
 class SageMosaicConfig:
     max_concurrent_steps: int = 4  # K/V ring depth (shared-memory slots); capped by what fits in shared memory
     # P.V's A operand from registers (V's tokens in KEY_ORDER) or from a shared-memory tile; None: registers for
-    # 64-key blocks, the tile for 128-key ones (H100, same outputs: registers 8% faster at H=40, L=75,600 with
-    # 64-key blocks and equal at H=12, L=32,760; the tile 8% faster with 128-key blocks at H=12).
+    # 64-key blocks, the tile for 128-key ones (H100, same outputs: with two 64-key blocks a step registers 1.05-1.07
+    # vs 1.36 ms at H=12, L=32,760 and 17.5 vs 21.4 ms at H=40, L=75,600; the tile 8% faster with 128-key blocks
+    # at H=12, one block a step).
     p_in_registers: bool | None = None
 
     def registers(self, block_k: int) -> bool:
@@ -126,12 +127,12 @@ def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
 
 
 def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_ref, smem, loaded, consumed, schedule,
-            *, seq_len, block_k, n_sel, slots, streams, halves, c, p_in_registers, interpret):
+            *, seq_len, block_k, n_sel, slots, streams, per_step, c, p_in_registers, interpret):
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
     [B, H, Nq] / [B, H, Nk]; vs_ref fp32 [B, H, D]; o_ref [B, L, H, D]; all in global memory. streams: LUT rows
-    per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2); halves: key blocks per 128-key
-    softmax step (2 with 64-key blocks, the last step taking what remains). A ring slot holds streams x halves
-    K tiles and as many V^T tiles, tile `stream * halves + half` of the slot. lin_refs: None, or the linear
+    per CTA (1: block_q = 128; 2: block_q = 64, Nq padded to a multiple of 2); per_step: key blocks per 128-key
+    softmax step (2 with 64-key blocks, the last step taking what remains). A ring slot holds streams x per_step
+    K tiles and as many V^T tiles, tile `stream * per_step + j` of the slot. lin_refs: None, or the linear
     branch's (q [B, L, H, D] in the output dtype, kv [B, H, D, D], k_sum [B, H, D], proj_w [D, D], proj_b [D]) for
     the fused epilogue (`mosaic.fused_linear_epilogue`), whose q tile is the output staging tile until it is read."""
     q_smem, k_smem, v_smem, vs_smem, o_smem, lin_smem, p_tiles = smem  # lin_smem, p_tiles None when unused
@@ -139,8 +140,8 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
     k_consumed, v_consumed = consumed
     bi, hi, ci = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
-    per_slot = streams * halves
-    n_steps = pl.cdiv(n_sel, halves)
+    per_slot = streams * per_step
+    n_steps = pl.cdiv(n_sel, per_step)
 
     take_turn = functools.partial(ping_pong_turn, schedule)
 
@@ -167,15 +168,15 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
         plgpu.barrier_wait(k_loaded.at[0])
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind: the ping-pong
 
-        def step(t, carry, width=halves, masked=False):
-            """Softmax step t over LUT blocks halves * t, ..., + width - 1: one 8-bit S product per block (each
+        def step(t, carry, width=per_step, masked=False):
+            """Softmax step t over LUT blocks per_step * t, ..., + width - 1: one 8-bit S product per block (each
             its own int32 accumulator and dequantisation scale), one row max for the step, then one fresh fp32
             P.V accumulator over all of them."""
             acc, m, l = carry
             slot = lax.rem(t, slots)
-            tiles = [slot * per_slot + stream * halves + half for half in range(width)]
+            tiles = [slot * per_slot + stream * per_step + j for j in range(width)]
             # The blocks' dequantisation scales, loaded before the products so the global-memory latency overlaps.
-            scales = [c * (q_scale * ks_ref[bi, hi, lut_row[halves * t + half]]) for half in range(width)]
+            scales = [c * (q_scale * ks_ref[bi, hi, lut_row[per_step * t + j]]) for j in range(width)]
 
             def qk_product(*s_refs):
                 for s_ref, tile in zip(s_refs, tiles):
@@ -196,8 +197,8 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
             ps = [jnp.exp2(s * sc - shift) for s, sc in zip(logits, scales)]
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + functools.reduce(jnp.add, [p.sum(axis=1) for p in ps])
-            p_ops = [_p_operand(p.astype(FP8), None if p_tiles is None else p_tiles.at[wg * halves + half],
-                                registers=p_in_registers, interpret=interpret) for half, p in enumerate(ps)]
+            p_ops = [_p_operand(p.astype(FP8), None if p_tiles is None else p_tiles.at[wg * per_step + j],
+                                registers=p_in_registers, interpret=interpret) for j, p in enumerate(ps)]
             if p_tiles is None:  # the regrouped registers (4-byte vectors; accumulator-shaped e4m3 cannot be one)
                 acc, l, m_new, *p_ops = lax.optimization_barrier((acc, l, m_new, *p_ops))
             else:
@@ -221,7 +222,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
             return acc, m_new, l
 
         carry = lax.fori_loop(0, n_steps - 1, step, (acc, m, l))
-        last = functools.partial(step, width=n_sel - halves * (n_steps - 1), masked=True)
+        last = functools.partial(step, width=n_sel - per_step * (n_steps - 1), masked=True)
         acc, m, l = lax.fori_loop(n_steps - 1, n_steps, last, carry)
         pl.when(wg == 0)(take_turn)
         plgpu.barrier_wait(vs_loaded.at[wg])
@@ -244,7 +245,7 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         lut_rows = [lut_ref.at[bi, hi, ci * streams + stream] for stream in range(streams)]
-        if lin_refs is not None:  # the epilogue's own tiles: loaded first, read last
+        if lin_refs is not None:  # the epilogue's own buffers: no slot to wait for, so copied at once
             _, kv_ref, ksum_ref, w_ref, bias_ref = lin_refs
             kv_smem, w_smem, ksum_smem, bias_smem = lin_smem
             plgpu.copy_gmem_to_smem(ksum_ref.at[bi, hi], ksum_smem, lin_loaded[0])
@@ -255,8 +256,8 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
         def blocks(t):
             """(tile in the slot, key block) of step t's copies. A last step with fewer blocks copies its last one
             again into the unused tiles: every slot barrier then counts the same arrivals."""
-            return [(stream * halves + half, lut_row[jnp.minimum(halves * t + half, n_sel - 1)])
-                    for stream, lut_row in enumerate(lut_rows) for half in range(halves)]
+            return [(stream * per_step + j, lut_row[jnp.minimum(per_step * t + j, n_sel - 1)])
+                    for stream, lut_row in enumerate(lut_rows) for j in range(per_step)]
 
         def fetch_k(t, slot):
             for tile, block in blocks(t):
@@ -278,26 +279,32 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
 
 
 def _ring_slots(config: SageMosaicConfig, d: int, block_q: int, block_k: int, out_dtype, linear: bool,
-                interpret: bool, n_steps: int = 1 << 30) -> int:
+                interpret: bool, n_steps: int | None = None) -> int:
     """K/V ring slots: what the config asks, at most the steps and what shared memory holds beside q8, the V
     scales, the output (and, fused, q) staging tiles, P's tiles where P.V reads them, and the linear epilogue's
     kv, weight and vectors; 8 KB cover the barriers and the rounding of each allocation."""
-    halves, streams = blocks_per_step(block_k), COMPUTE_WGS * WG_ROWS // block_q
+    per_step, streams = blocks_per_step(block_k), COMPUTE_WGS * WG_ROWS // block_q
     out_bytes = jnp.dtype(out_dtype).itemsize
     p_tile = not config.registers(block_k) or interpret
-    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * halves * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
+    fixed = COMPUTE_WGS * WG_ROWS * (d + p_tile * per_step * block_k + d * out_bytes) + COMPUTE_WGS * d * 4 + 8192
     fixed += linear * (2 * d * d + 2 * d) * out_bytes
-    return min(config.max_concurrent_steps, n_steps, (SMEM_BYTES - fixed) // (2 * streams * halves * block_k * d))
+    fit = (SMEM_BYTES - fixed) // (2 * streams * per_step * block_k * d)
+    return min(config.max_concurrent_steps, fit, *([] if n_steps is None else [n_steps]))
 
 
 MIN_FUSED_SLOTS = 3  # ring slots the fused linear epilogue must leave (docs/PERF.md, twelfth session)
 
 
+FUSED_BLOCKS = (128, 64)  # the blocks where fusing was measured faster
+
+
 def fuses_linear(block_q: int, block_k: int, d: int, out_dtype=jnp.bfloat16,
                  config: SageMosaicConfig = SageMosaicConfig()) -> bool:
-    """Whether the linear epilogue's tiles fit beside a ring of MIN_FUSED_SLOTS slots: (128, 64) blocks keep 3 of
-    32 KB; (64, 128) ones, whose slots hold two LUT rows' 128-key tiles (64 KB), would keep 1."""
-    return _ring_slots(config, d, block_q, block_k, out_dtype, True, False) >= MIN_FUSED_SLOTS
+    """Whether the linear epilogue is fused at these blocks: FUSED_BLOCKS, where its tiles leave a ring of at least
+    MIN_FUSED_SLOTS slots (3 of 32 KB at head_dim 128). With (64, 128) blocks, whose slots hold two LUT rows'
+    128-key tiles (64 KB), 1 would be left."""
+    fits = _ring_slots(config, d, block_q, block_k, out_dtype, True, False) >= MIN_FUSED_SLOTS
+    return (block_q, block_k) == FUSED_BLOCKS and fits
 
 
 def transpose_values(v8: jax.Array, block_k: int, key_order: bool) -> jax.Array:
@@ -345,10 +352,6 @@ def sparse_attention_kmajor(
     (block_q = 64, or block_k = 64's two-block steps), so the tests interpret this kernel on its own."""
     b, l, h, d = q8.shape
     nq, n_sel = lut.shape[2], lut.shape[3]
-    if linear is not None and not (fuses_linear(block_q, block_k, d, out_dtype, config) and not interpret):
-        raise ValueError(f"the Mosaic SageSLA kernel fuses the linear epilogue only compiled and where the ring keeps "
-                         f"{MIN_FUSED_SLOTS} slots beside its tiles (blocks ({block_q}, {block_k}) do not, or "
-                         f"interpret=True)")
     if block_q not in BLOCK_QS or block_k not in (64, 128) or d not in (64, 128):
         raise ValueError(f"the Mosaic SageSLA kernel takes block_q 64 or 128, block_k 64 or 128 and head_dim 64 or "
                          f"128; got ({block_q}, {block_k}), head_dim {d}")
@@ -357,8 +360,15 @@ def sparse_attention_kmajor(
     if vt.shape != (b, h, d, pl.cdiv(l, block_k) * block_k):
         raise ValueError(f"vt must be [B, H, D, L rounded up to block_k] = {(b, h, d, pl.cdiv(l, block_k) * block_k)} "
                          f"(transpose_values), got {vt.shape}")
+    if linear is not None and interpret:
+        raise ValueError("the Mosaic SageSLA kernel's fused linear epilogue runs compiled only: the Mosaic GPU "
+                         "interpreter's wgmma takes no register operand (pass linear=None and add the linear branch "
+                         "with triton.linear_epilogue)")
+    if linear is not None and not fuses_linear(block_q, block_k, d, out_dtype, config):
+        raise ValueError(f"the Mosaic SageSLA kernel fuses the linear epilogue at blocks {FUSED_BLOCKS} only, where "
+                         f"the ring keeps {MIN_FUSED_SLOTS} slots beside its tiles; got ({block_q}, {block_k})")
     streams = COMPUTE_WGS * WG_ROWS // block_q
-    halves = blocks_per_step(block_k)
+    per_step = blocks_per_step(block_k)
     ctas = pl.cdiv(l, COMPUTE_WGS * WG_ROWS)
     # An odd count of 64-row blocks leaves the last CTA's second warpgroup rows past L (TMA reads them as zeros
     # and drops their writes): it walks a copy of the last LUT row with a unit q scale, to stay in the ping-pong.
@@ -368,7 +378,8 @@ def sparse_attention_kmajor(
         lut = jnp.pad(lut, pad + ((0, 0),), mode="edge")
         q_scale = jnp.pad(q_scale, pad, constant_values=1.0)
     p_in_registers = config.registers(block_k)
-    slots = _ring_slots(config, d, block_q, block_k, out_dtype, linear is not None, interpret, pl.cdiv(n_sel, halves))
+    slots = _ring_slots(config, d, block_q, block_k, out_dtype, linear is not None, interpret,
+                        pl.cdiv(n_sel, per_step))
     out_tiles = (plgpu.TilingTransform((8, 128 // jnp.dtype(out_dtype).itemsize)), plgpu.SwizzleTransform(128))
     if linear is not None:
         q, kv, k_sum, proj_w, proj_b = linear
@@ -384,11 +395,11 @@ def sparse_attention_kmajor(
                         plgpu.SMEM((d,), out_dtype), plgpu.SMEM((d,), out_dtype))
         p_tiles = None
         if not p_in_registers or interpret:
-            p_tiles = plgpu.SMEM((COMPUTE_WGS * halves, WG_ROWS, block_k), FP8, transforms=_tiles(block_k))
+            p_tiles = plgpu.SMEM((COMPUTE_WGS * per_step, WG_ROWS, block_k), FP8, transforms=_tiles(block_k))
         smem = (
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), jnp.int8, transforms=_tiles(d)),
-            plgpu.SMEM((slots * streams * halves, block_k, d), jnp.int8, transforms=_tiles(d)),  # see _kernel
-            plgpu.SMEM((slots * streams * halves, d, block_k), FP8, transforms=_tiles(block_k)),
+            plgpu.SMEM((slots * streams * per_step, block_k, d), jnp.int8, transforms=_tiles(d)),  # see _kernel
+            plgpu.SMEM((slots * streams * per_step, d, block_k), FP8, transforms=_tiles(block_k)),
             plgpu.SMEM((COMPUTE_WGS, d), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), out_dtype, transforms=out_tiles),
             lin_smem,
@@ -397,13 +408,13 @@ def sparse_attention_kmajor(
         # the epilogue's k_sum and bias; kv and proj_l's weight; each warpgroup's q tile
         lin_loaded = None if linear is None else (
             plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_barriers=COMPUTE_WGS))
-        loaded = (plgpu.Barrier(num_arrivals=streams * halves, num_barriers=slots),
-                  plgpu.Barrier(num_arrivals=streams * halves, num_barriers=slots),
+        loaded = (plgpu.Barrier(num_arrivals=streams * per_step, num_barriers=slots),
+                  plgpu.Barrier(num_arrivals=streams * per_step, num_barriers=slots),
                   plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=COMPUTE_WGS), lin_loaded)
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),) * 2
         kernel = functools.partial(_kernel, lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_ref,
                                    seq_len=l, block_k=block_k, n_sel=n_sel, slots=slots, streams=streams,
-                                   halves=halves, c=float(base2_scale(d)), p_in_registers=p_in_registers,
+                                   per_step=per_step, c=float(base2_scale(d)), p_in_registers=p_in_registers,
                                    interpret=interpret)
         pl.run_scoped(lambda *scratch: kernel(*scratch), smem, loaded, consumed,
                       plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")

@@ -21,12 +21,16 @@ head), with q, k, v [L, D] after the q/k RMSNorm and RoPE, in the order upstream
                 keys past L get -inf.
   softmax, P.V  online over the LUT's key blocks in ascending order (the order upstream's delta-coded LUT walks),
                 in steps of 128 keys (`KEYS_PER_STEP`: 128 / block_k consecutive LUT blocks, the last step holding
-                what remains), as upstream's sm90 kernel steps over 128-key blocks: s the step's logits,
+                what remains; one block a step from 128 keys on), as upstream's sm90 kernel (64 x 128 blocks)
+                steps over its 128-key blocks: s the step's logits,
                 m' = max(m, rowmax s); alpha = 2^(m - m'); P~ = 2^(s - m' + 8.807); the denominator l' = alpha l +
                 rowsum(P~) uses P~ in fp32; the step's product e4m3(P~) . v8 goes into a fresh fp32 accumulator that
-                is added to alpha acc. So P~ is rounded to e4m3 against the running max of its 128-key step: with
-                64-key blocks both blocks of a step share one max (a kernel walking one block per step would round
-                the first one against a smaller max; the same quality, other bits).
+                is added to alpha acc. So P~ is rounded to e4m3 against the running max of its 128-key step.
+                With 64-key blocks both blocks of a step share one max: a deliberate departure from upstream, whose
+                128 x 64 blocks run only off Hopper, in its sm89 kernel, one 64-key block a step (its first block's
+                P~ rounded against a smaller max). The same quality (cos-sim to bf16 SLA equal to five digits,
+                docs/PERF.md, twelfth session), other bits; the Hopper kernel runs half the steps, 18% faster.
+                Upstream's own H100 blocks, 64 x 128, are one block a step either way.
                 The 8.807 = log2(448) offset puts P~ in (0, 448], e4m3's range: this is what the
                 sm90 kernel TurboDiffusion calls does (update_mdo<..., exp_offset=true>), and the sm89 one too.
                 acceleration.md 4.4 says P is cast unscaled on sm90; upstream wins.
@@ -109,10 +113,11 @@ def quantize(q, k, v, *, block_q: int, block_k: int, smooth_k: bool = True):
 
 
 def blocks_per_step(block_k: int) -> int:
-    """LUT blocks per 128-key softmax step: 128 / block_k (block_k a power of two up to 128)."""
-    if block_k > KEYS_PER_STEP or KEYS_PER_STEP % block_k:
-        raise ValueError(f"SageSLA's key blocks must divide {KEYS_PER_STEP} tokens, got block_k={block_k}")
-    return KEYS_PER_STEP // block_k
+    """LUT blocks per softmax step: 128 / block_k below 128 keys (block_k must divide 128), else 1."""
+    if block_k < KEYS_PER_STEP and KEYS_PER_STEP % block_k:
+        raise ValueError(f"SageSLA's key blocks below {KEYS_PER_STEP} tokens must divide {KEYS_PER_STEP}, got "
+                         f"block_k={block_k}")
+    return max(1, KEYS_PER_STEP // block_k)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "out_dtype"))

@@ -4,8 +4,9 @@ One program per (query block, batch, head), like `triton.sparse_attention`, walk
 in `sage_reference`'s 128-key steps: an int8 x int8 -> int32 Q.K^T per key block, dequantised with the q- and
 k-block scales into base-2 logits; the online softmax of `sage_reference` (P~ = 2^(s - m + 8.807) in (0, 448], m
 the running max after the step, its fp32 row sums as the denominator); e4m3(P~) . e4m3 V into a fresh fp32 step
-product added to the rescaled accumulator; the per-channel V scale in the epilogue. Triton lowers the e4m3 dot on Hopper to f16 mma.sync (e4m3 values are exact in f16), not fp8 tensor-core
-instructions: the Mosaic GPU kernel (`sage_mosaic`) is the fast path there.
+product added to the rescaled accumulator; the per-channel V scale in the epilogue. Triton lowers the e4m3 dot
+on Hopper to f16 mma.sync (e4m3 values are exact in f16), not fp8 tensor-core instructions: the Mosaic GPU kernel
+(`sage_mosaic`) is the fast path there.
 
 `quantize` gives both kernels' token-major operands (the tests' and the benchmark's): q and k to int8 by a
 Pallas-Triton pass each (one program per token block of one (batch, head), reading the tokens where they lie: XLA's
