@@ -293,8 +293,6 @@ def _ring_slots(config: SageMosaicConfig, d: int, block_q: int, block_k: int, ou
 
 
 MIN_FUSED_SLOTS = 3  # ring slots the fused linear epilogue must leave (docs/PERF.md, twelfth session)
-
-
 FUSED_BLOCKS = (128, 64)  # the blocks where fusing was measured faster
 
 
