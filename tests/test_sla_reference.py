@@ -128,6 +128,42 @@ def test_unknown_implementation():
         sla.sla_attention(q, q, q, topk=0.5, block_q=4, block_k=4, implementation="cuda")
 
 
+_Q = jnp.zeros((1, 32, 2, 16), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda f: f(_Q[0], _Q[0], _Q[0], topk=0.5), r"as \[B, L, H, D\] arrays .* got q \(32, 2, 16\)"),
+    (lambda f: f(_Q, _Q[:, :16], _Q, topk=0.5), r"self-attention: q, k, v must have one shape .* k \(1, 16, 2, 16\)"),
+    (lambda f: f(_Q, _Q, _Q[..., :8], topk=0.5), "must have one shape"),
+    (lambda f: f(_Q.astype(jnp.int8), _Q, _Q, topk=0.5), "floating-point q, k, v .* q int8"),
+    (lambda f: f(_Q, _Q, _Q, topk=0.0), r"topk .* in \(0, 1\]; got 0.0"),
+    (lambda f: f(_Q, _Q, _Q, topk=1.5), r"in \(0, 1\]; got 1.5"),
+    (lambda f: f(_Q, _Q, _Q, topk=float("nan")), r"in \(0, 1\]; got nan"),
+    (lambda f: f(_Q, _Q, _Q, topk=0.5, block_q=0), "block_q and block_k must be positive integers; got 0, 8"),
+    (lambda f: f(_Q, _Q, _Q, topk=0.5, block_k=8.0), "positive integers; got 16, 8.0"),
+    (lambda f: f(_Q, _Q, _Q, topk=0.5, proj_w=jnp.zeros((8, 8))),
+     r"proj_w is proj_l's weight \[D, D\] = \(16, 16\); got \(8, 8\)"),
+    (lambda f: f(_Q, _Q, _Q, topk=0.5, proj_w=jnp.zeros((16, 16)), proj_b=jnp.zeros(8)), r"proj_b .* got \(8,\)"),
+    (lambda f: f(_Q, _Q, _Q, topk=0.5, proj_b=jnp.zeros(16)), "proj_b without proj_w"),
+])
+@pytest.mark.parametrize("name", ["sla_attention", "sage_sla_attention"])
+def test_bad_inputs_get_one_clear_error(name, call, match):
+    """The public SLA and SageSLA functions refuse what no path can take, naming the function, before any work
+    (a wrong k length used to run, and a wrong proj_l failed inside XLA's dot)."""
+    f = lambda *a, **kw: getattr(sla, name)(*a, **{"block_q": 16, "block_k": 8, **kw})
+    with pytest.raises(ValueError, match=f"{name}.*{match}"):
+        call(f)
+
+
+def test_block_map_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="block_map is self-attention: q, k must have one shape"):
+        sla.block_map(_Q, _Q[:, :16], topk=0.5, block_q=16, block_k=8)
+    with pytest.raises(ValueError, match=r"block_map: topk .* got -0.1"):
+        sla.block_map(_Q, _Q, topk=-0.1, block_q=16, block_k=8)
+    lut = sla.block_map(_Q, _Q, topk=0.5, block_q=16, block_k=np.int64(8))  # NumPy integers are integers
+    assert lut.shape == (1, 2, 2, 2)
+
+
 # ---- bf16 -----------------------------------------------------------------------------------------------------
 # acceleration.md 3 with the rounding points of the torch module TurboDiffusion runs (turbodiffusion/SLA/core.py,
 # utils.get_block_map, the Triton sparse kernel) on bf16 q, k, v. Each torch op on bf16 tensors computes in fp32 and

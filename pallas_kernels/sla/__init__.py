@@ -41,6 +41,7 @@ def block_map(q, k, *, topk: float, block_q: int, block_k: int, implementation=N
     by `topk.top_k_blocks` (interpret=True runs both kernels on the CPU). k_mean: `reference.key_mean(k)` where the
     caller has it already (the key-statistics passes compute it with the linear branch's state); the reference
     computes its own."""
+    reference.check_inputs("block_map", q, k, topk=topk, block_q=block_q, block_k=block_k)
     impl = implementation or ("reference" if reference.runs_on_cpu() else "triton")
     if impl == "reference":
         return reference.block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
@@ -75,6 +76,8 @@ def sla_attention(
     implementation: None picks the fastest available for the device and shapes; "reference" is pure jnp;
     "triton" is the Pallas-Triton sparse kernel (interpret=True runs it on the CPU for tests); "mosaic" is the
     Mosaic GPU kernel for Hopper (no CPU interpreter)."""
+    reference.check_inputs("sla_attention", q, k, v, topk=topk, block_q=block_q, block_k=block_k, proj_w=proj_w,
+                           proj_b=proj_b)
     impl = implementation or default_implementation(q, block_q, block_k)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown SLA implementation {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
@@ -144,6 +147,8 @@ def sage_sla_attention(
     implementation: None picks the fastest available for the device and shapes; "reference" is pure jnp;
     "triton" is the Pallas-Triton kernel (GPUs with fp8 conversions, sm89+); "mosaic" the Mosaic GPU kernel for
     Hopper (fp8 tensor cores). interpret=True runs either kernel on the CPU (tests)."""
+    reference.check_inputs("sage_sla_attention", q, k, v, topk=topk, block_q=block_q, block_k=block_k,
+                           proj_w=proj_w, proj_b=proj_b)
     impl = implementation or default_sage_implementation(q, block_q, block_k)
     _check_sage_implementation(impl, q, block_q, block_k, interpret)
     if impl == "reference":

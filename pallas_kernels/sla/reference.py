@@ -13,6 +13,7 @@ count of the last block, and padded keys get -inf logits.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,35 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     if runs_on_cpu():
         a, b = exact_f32(a), exact_f32(b)
     return jnp.einsum(spec, a, b, preferred_element_type=f32, precision=_precision(a.dtype))
+
+
+def check_inputs(name: str, q, k, v=None, *, topk, block_q, block_k, proj_w=None, proj_b=None) -> None:
+    """One clear error, before any work, for inputs no SLA path can take: q, k (and v) [B, L, H, D] floating-point
+    arrays of one shape (SLA is self-attention), topk in (0, 1], positive block sizes, proj_l's weight [D, D] and
+    bias [D]. name: the public function, for the message."""
+    arrays = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    shapes = ", ".join(f"{n} {tuple(x.shape)}" for n, x in arrays.items())
+    if any(x.ndim != 4 for x in arrays.values()):
+        raise ValueError(f"{name} takes {', '.join(arrays)} as [B, L, H, D] arrays (heads split, after the q/k norm "
+                         f"and RoPE); got {shapes}")
+    if len({tuple(x.shape) for x in arrays.values()}) > 1:
+        raise ValueError(f"{name} is self-attention: {', '.join(arrays)} must have one shape [B, L, H, D]; got "
+                         f"{shapes}")
+    if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in arrays.values()):
+        raise ValueError(f"{name} takes floating-point q, k, v (bf16 in the DiT); got "
+                         f"{', '.join(f'{n} {x.dtype}' for n, x in arrays.items())}")
+    if not 0.0 < topk <= 1.0:
+        raise ValueError(f"{name}: topk is the fraction of key blocks each query block attends to, in (0, 1]; got "
+                         f"{topk}")
+    if not all(isinstance(n, numbers.Integral) and n > 0 for n in (block_q, block_k)):
+        raise ValueError(f"{name}: block_q and block_k must be positive integers; got {block_q!r}, {block_k!r}")
+    d = q.shape[-1]
+    if proj_b is not None and proj_w is None:
+        raise ValueError(f"{name}: proj_b without proj_w; pass the layer's proj_l weight too (or neither)")
+    if proj_w is not None and tuple(proj_w.shape) != (d, d):
+        raise ValueError(f"{name}: proj_w is proj_l's weight [D, D] = {(d, d)}; got {tuple(proj_w.shape)}")
+    if proj_b is not None and tuple(proj_b.shape) != (d,):
+        raise ValueError(f"{name}: proj_b is proj_l's bias [D] = {(d,)}; got {tuple(proj_b.shape)}")
 
 
 def num_selected_blocks(topk: float, num_k_blocks: int) -> int:
