@@ -59,7 +59,7 @@ def check_inputs(name: str, q, k, v=None, *, topk, block_q, block_k, proj_w=None
         raise ValueError(f"{name} is self-attention: {', '.join(arrays)} must have one shape [B, L, H, D]; got "
                          f"{shapes}")
     if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in arrays.values()):
-        raise ValueError(f"{name} takes floating-point q, k, v (bf16 in the DiT); got "
+        raise ValueError(f"{name} takes floating-point {', '.join(arrays)} (bf16 in the DiT); got "
                          f"{', '.join(f'{n} {x.dtype}' for n, x in arrays.items())}")
     if not 0.0 < topk <= 1.0:
         raise ValueError(f"{name}: topk is the fraction of key blocks each query block attends to, in (0, 1]; got "
