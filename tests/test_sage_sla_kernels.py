@@ -250,7 +250,9 @@ def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bq, bk, p_in_registers):
     e4m3 wgmma into f32 (fp8 tensor cores, not an upcast) reading P from four registers where P stays in
     registers (the default for 64-key blocks) and from a shared-memory descriptor otherwise, and P is rounded
     with cvt.rn.satfinite like upstream. (The interpreter runs P through shared memory: this lowering and the
-    GPU tests are what check the register operand.)"""
+    GPU tests are what check the register operand.) The fresh S and P.V accumulators start from zeros set one
+    register at a time (`_unshared_zeros`), which ptxas folds into their first wgmma: 32 per s32 S block, 64 for
+    the f32 P.V."""
     config = sage_mosaic.SageMosaicConfig(p_in_registers=p_in_registers)
     kernel = functools.partial(sage_mosaic.sparse_attention, block_q=bq, block_k=bk, config=config)
     text = _abstract_h100_lowering(kernel, *_abstract_operands(1, 75600, 40, 128, bq, bk, 0.15))
@@ -259,6 +261,8 @@ def test_mosaic_kernel_lowers_to_8bit_wgmma_for_an_h100(bq, bk, p_in_registers):
                    text)
     assert pv and pv.group(1).startswith("{") == config.registers(bk)
     assert "cvt.rn.satfinite.e4m3x2.f32" in text
+    zero_runs = re.findall(r"mov\.b32 \$0, 0;(?: mov\.b32 \$\d+, 0;)*", text)
+    assert {run.count(";") for run in zero_runs} == {bk // 2, 64}
 
 
 def test_mosaic_kernel_with_the_linear_epilogue_lowers_for_an_h100():

@@ -10,8 +10,10 @@ One CTA per (head, 128 query rows, batch), with three warpgroups:
       per block S = Q8 K8^T by an s8 x s8 -> s32 wgmma from shared memory (Q and K both K-major: the K tile is the
       (bk, D) block, transposed as a ref), dequantised to base-2 logits with the q- and k-block scales; the online
       softmax with P~ = 2^(s - m + log2 448), m the running max after the step; e4m3(P~) is multiplied by the
-      e4m3 V^T tiles in e4m3 wgmmas into a fresh fp32 accumulator, added to the rescaled running one (the fp8
-      wgmma accumulator keeps about 22 bits; upstream's sm90 kernel adds per 128-key block the same way); P is
+      e4m3 V^T tiles in e4m3 wgmmas into a fresh fp32 accumulator, added to the rescaled running one by one fma
+      per element (the fp8 wgmma accumulator keeps about 22 bits; upstream's sm90 kernel adds per 128-key block
+      the same way); the fresh accumulators start from zeros ptxas folds into their first wgmma
+      (`_unshared_zeros`: 21% fewer instructions a step, 9-11% faster with the fma, docs/PERF.md); P is
       that wgmma's register operand with 64-key blocks and goes through the warpgroup's shared-memory tile with
       128-key ones (`SageMosaicConfig.p_in_registers`); a "schedule" barrier ping-pongs the two warpgroups so
       one's softmax overlaps the other's products. Two 64-key blocks per step instead of one took 1.05 instead of
@@ -47,6 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import llvm, vector
 
 from pallas_kernels.devices import default_is_hopper
 from pallas_kernels.sla.mosaic import (COMPUTE_WGS, SMEM_BYTES, WG_ROWS, fill_kv_ring, fused_linear_epilogue,
@@ -126,6 +130,45 @@ def _p_operand(p8: jax.Array, p_smem, *, registers: bool, interpret: bool):
     return p_smem
 
 
+def _unshared_zeros(shape: tuple[int, int], dtype) -> jax.Array:
+    """Zeros [64 * m, n] in the WGMMA layout whose registers are each set by their own `mov.b32 r, 0` (one
+    side-effecting inline asm, so LLVM neither shares nor hoists them): ptxas folds such an accumulator into its
+    first wgmma as a zero one (no register moves). A splat is one zero register that LLVM copies into every
+    accumulator register; ptxas folded that into the step's first wgmma only, and the other two fresh accumulators
+    cost 96 register copies a step (of ~770 instructions; H100 SASS, docs/PERF.md). Builds the FragmentedArray from
+    its registers with jax 0.11.2's private MLIR dialects and FragmentedArray fields (the project pins jax)."""
+    @plgpu.inline_mgpu(return_type=plgpu.ShapeDtypeStruct(shape, dtype, plgpu.Layout.WGMMA))
+    def zeros(_):
+        layout = mgpu.WGMMA_LAYOUT
+        element = mgpu.utils.dtype_to_ir_type(dtype)
+        reg_type = ir.VectorType(layout.registers_element_type(element))
+        regs = np.empty(layout.registers_shape(shape), dtype=object)
+        count = regs.size * reg_type.shape[0]
+        integer = jnp.issubdtype(dtype, jnp.integer)
+        out = llvm.inline_asm(llvm.StructType.get_literal([element] * count), [],
+                              " ".join(f"mov.b32 ${i}, 0;" for i in range(count)),
+                              ",".join(["=r" if integer else "=f"] * count), has_side_effects=True)
+        values = iter(llvm.extractvalue(element, out, [i]) for i in range(count))
+        for idx in np.ndindex(regs.shape):
+            regs[idx] = vector.from_elements(reg_type, [next(values) for _ in range(reg_type.shape[0])])
+        return mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=True if integer else None)
+
+    return zeros()
+
+
+def _fresh_products(issue, specs, *, interpret: bool) -> list[jax.Array]:
+    """issue(refs) on fresh (zero) wgmma accumulators of specs [(shape, dtype), ...], then their values. Compiled,
+    the accumulators start from `_unshared_zeros`; the Mosaic GPU interpreter runs no `pl.run_state` over
+    accumulators, so there they are scoped ones (a splat of zeros: the same values)."""
+    if interpret:
+        def scoped(*refs):
+            issue(refs)
+            return [ref[...] for ref in refs]
+
+        return pl.run_scoped(scoped, *[plgpu.ACC(shape, dtype) for shape, dtype in specs])
+    return list(pl.run_state(issue)(tuple(plgpu.ACC.init(_unshared_zeros(shape, dtype)) for shape, dtype in specs)))
+
+
 def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_ref, smem, loaded, consumed, schedule,
             *, seq_len, block_k, n_sel, slots, streams, per_step, c, p_in_registers, interpret):
     """lut_ref int32 [B, H, Nq, k]; q/k_ref int8 [B, L, H, D]; vt_ref e4m3 [B, H, D, L_pad]; qs/ks_ref fp32
@@ -178,13 +221,12 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
             # The blocks' dequantisation scales, loaded before the products so the global-memory latency overlaps.
             scales = [c * (q_scale * ks_ref[bi, hi, lut_row[per_step * t + j]]) for j in range(width)]
 
-            def qk_product(*s_refs):
+            def qk_product(s_refs):
                 for s_ref, tile in zip(s_refs, tiles):
                     plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[tile].transpose((1, 0)))
                 take_turn()
-                return [s_ref[...] for s_ref in s_refs]
 
-            logits = pl.run_scoped(qk_product, *[plgpu.ACC((WG_ROWS, block_k), jnp.int32)] * width)
+            logits = _fresh_products(qk_product, [((WG_ROWS, block_k), jnp.int32)] * width, interpret=interpret)
             plgpu.barrier_arrive(k_consumed.at[slot])
             logits = [s.astype(jnp.float32) for s in logits]
             if masked:
@@ -195,19 +237,19 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
             alpha = jnp.exp2(m - m_new)
             shift = lax.broadcast_in_dim(m_new - P_EXP_OFFSET, logits[0].shape, [0])
             ps = [jnp.exp2(s * sc - shift) for s, sc in zip(logits, scales)]
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + functools.reduce(jnp.add, [p.sum(axis=1) for p in ps])
             p_ops = [_p_operand(p.astype(FP8), None if p_tiles is None else p_tiles.at[wg * per_step + j],
                                 registers=p_in_registers, interpret=interpret) for j, p in enumerate(ps)]
             if p_tiles is None:  # the regrouped registers (4-byte vectors; accumulator-shaped e4m3 cannot be one)
-                acc, l, m_new, *p_ops = lax.optimization_barrier((acc, l, m_new, *p_ops))
+                alpha, l, m_new, *p_ops = lax.optimization_barrier((alpha, l, m_new, *p_ops))
             else:
-                acc, l, m_new = lax.optimization_barrier((acc, l, m_new))
+                alpha, l, m_new = lax.optimization_barrier((alpha, l, m_new))
             plgpu.barrier_arrive(schedule)  # softmax done
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
-            def pv_product(pv_ref):
+            def pv_product(pv_refs):
+                [pv_ref] = pv_refs
                 for p_op, tile in zip(p_ops, tiles):
                     plgpu.wgmma(pv_ref, p_op, v_smem.at[tile].transpose((1, 0)))
 
@@ -215,9 +257,10 @@ def _kernel(lut_ref, q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, lin_refs, o_r
                 def _():
                     plgpu.barrier_wait(k_loaded.at[lax.rem(t + 1, slots)])
 
-                return pv_ref[...]
-
-            acc = acc + pl.run_scoped(pv_product, plgpu.ACC((WG_ROWS, d), jnp.float32))
+            [pv] = _fresh_products(pv_product, [((WG_ROWS, d), jnp.float32)], interpret=interpret)
+            # The running accumulator is rescaled here rather than before P.V (it is not P.V's accumulator), so the
+            # rescale and the add are one fma per element.
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
