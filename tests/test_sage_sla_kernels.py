@@ -459,6 +459,103 @@ def test_gpu_pool_and_quantize_at_the_720p_length():
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(expected.astype(jnp.float32)))
 
 
+# --- the quantiser's quotient: rounding.divide_by_reciprocal against the IEEE x / scale ---------------------------
+
+INT8_SCALE = np.float32(1 / sage_reference.INT8_MAX)
+SCALE_EPS = np.float32(sage_reference.QK_SCALE_EPS)
+
+
+def _positive_values(dtype: str) -> np.ndarray:
+    """Every positive finite bf16 or fp16 value, ascending, in fp32."""
+    if dtype == "bfloat16":
+        return (np.arange(1, 0x7F80, dtype=np.uint32) << 16).view(np.float32)
+    return np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _block_scales(m: np.float32) -> set:
+    """A block's scale from its max|x| = m as the kernel may round it: the product then the sum, or one fma."""
+    return {np.float32(m * INT8_SCALE + SCALE_EPS),
+            np.float32(np.float64(m) * np.float64(INT8_SCALE) + np.float64(SCALE_EPS))}
+
+
+def _codes(y: np.ndarray) -> np.ndarray:
+    """The quantiser's rounding of quotients y >= 0: y + 0.5 in fp32, truncated."""
+    return np.trunc(y + np.float32(0.5)).astype(np.int32)
+
+
+def _corrected_quotient(x: np.ndarray, s: np.float32) -> np.ndarray:
+    """NumPy's exact emulation of `rounding.divide_by_reciprocal`'s PTX for x >= 0: y = x * (1/s), then
+    fma(fma(-s, y, x), 1/s, y). The residual is exact in fp64 (x - y s needs < 53 bits), so one cast rounds it as
+    the fma does; the final fma's exact sum is split by TwoSum and rounded to fp32, its error breaking the ties of
+    the fp64 sum."""
+    r = np.float32(1) / s
+    y = x * r
+    e = (x.astype(np.float64) - y.astype(np.float64) * np.float64(s)).astype(np.float32)
+    a, b = y.astype(np.float64), e.astype(np.float64) * np.float64(r)
+    total = a + b
+    b_part = total - a
+    err = (a - (total - b_part)) + (b - b_part)
+    out = total.astype(np.float32)
+    off = total - out.astype(np.float64)
+    other = np.nextafter(out, np.where(off > 0, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32))
+    at_midpoint = (off != 0) & (off == (other.astype(np.float64) - out.astype(np.float64)) / 2)
+    return np.where(at_midpoint & (np.sign(err) == np.sign(off)), other, out)
+
+
+@functools.cache
+def _reciprocal_misses(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every (block max m, x <= m) of positive dtype values whose int8 code from x * (1/scale) differs from the
+    IEEE x / scale's (scale as the product then the sum): the near-ties the corrected quotient must get right."""
+    values = _positive_values(dtype)
+    ms, xs = [], []
+    for i, m in enumerate(values):
+        x = values[: i + 1]
+        s = np.float32(m * INT8_SCALE + SCALE_EPS)
+        miss = _codes(x * (np.float32(1) / s)) != _codes(x / s)
+        ms += [m] * int(miss.sum())
+        xs += list(x[miss])
+    return np.array(ms, np.float32), np.array(xs, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_corrected_quotient_keeps_every_int8_code(dtype):
+    """By enumeration, the quantiser's fast quotient (`rounding.divide_by_reciprocal`, emulated exactly) gives the
+    IEEE x / scale's int8 code for every bf16 / fp16 block max m (both roundings of its scale) and every value
+    |x| <= m: the proof that it keeps the reference's codes on the half-precision inputs it is used for (every
+    step is odd in x, so negative values mirror these; x = 0 gives 0). The quotients themselves are IEEE's but
+    where the residual underflows (quotients below 1e-26, code 0). The plain reciprocal product misses codes."""
+    values = _positive_values(dtype)
+    pairs = 0
+    for i, m in enumerate(values):
+        x = values[: i + 1]
+        for s in _block_scales(m):
+            ieee = x / s
+            corrected = _corrected_quotient(x, s)
+            np.testing.assert_array_equal(_codes(corrected), _codes(ieee), err_msg=f"block max {m}, scale {s}")
+            apart = corrected != ieee
+            assert not apart.any() or ieee[apart].max() < 1e-26
+            pairs += x.size
+    assert pairs > 5e8 and _reciprocal_misses(dtype)[0].size > 1000
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_quantize_kernel_codes_at_near_ties(dtype):
+    """Blocks built from every near-tie the plain reciprocal product misses (one block per (m, x): m once, x and
+    -x in the other rows): the Triton quantiser's codes (compiled on a GPU: the corrected quotient's PTX;
+    interpreted on the CPU) equal NumPy's IEEE x / scale's, with the scale the kernel returns."""
+    ms, xs = _reciprocal_misses(jnp.dtype(dtype).name)
+    block, d = 64, 64
+    blocks = np.zeros((ms.size, block, d), np.float32)
+    blocks[:, 0, 0] = ms
+    blocks[:, 1::2, :] = xs[:, None, None]
+    blocks[:, 2::2, :] = -xs[:, None, None]
+    x = jnp.asarray(blocks.reshape(1, -1, 1, d)).astype(dtype)
+    x8, scale = sage_triton.quantize_blocks(x, block=block, interpret=not ON_GPU)
+    y = blocks / np.asarray(scale)[0, 0][:, None, None]
+    want = np.sign(y).astype(np.int32) * _codes(np.abs(y))
+    np.testing.assert_array_equal(np.asarray(x8).reshape(blocks.shape), want)
+
+
 @pytest.mark.parametrize("l, bk, d, key_order", [(200, 64, 64, True), (200, 64, 64, False), (136, 128, 128, False),
                                                  (776, 64, 128, True)])
 def test_values_quantised_transposed_are_bit_exact(l, bk, d, key_order):
